@@ -1,0 +1,440 @@
+"""Every kernel of the paper (SPEC §2–3): feature maps ψ, constant features, pairwise weights.
+
+Each kernel is written twice, from two different formulas, so one checks the other:
+  * ``pairwise(q, k)``: the weight w(q_i, k_j) straight from its definition, (B, H, N, M);
+  * ``features(x)``: the feature map φ(x) = [ψ(x), const] with φ(q)·φ(k) = w(q, k).
+The constant feature is returned separately so the linear path can add const_q·const_k·Σ_j v_j
+instead of appending a column of constants to every token.
+
+Shapes: q (B, H, N, d), k (B, H, M, d), x (B, H, T, d) for any token axis length T.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .registry import Kernel, register_kernel
+
+Tensor = torch.Tensor
+
+# ε of the normalised kernels' denominators and of qt's two normalisations (the released code's
+# value). It is zero in fp16, which is why all kernel math runs in float32 (see functional.py).
+EPS = 1e-15
+# Floor on ‖x‖ when forming unit vectors (angular, taylor1, cosine): a zero vector maps to zero.
+UNIT_EPS = 1e-12
+
+
+def _unit(x: Tensor) -> Tensor:
+    return F.normalize(x, dim=-1, eps=UNIT_EPS)
+
+
+def _unit_cosine(q: Tensor, k: Tensor) -> Tensor:
+    """q̂·k̂ for every pair, as (q·k)/(‖q‖‖k‖): (B, H, N, M)."""
+    qn = torch.linalg.vector_norm(q, dim=-1).clamp_min(UNIT_EPS)  # (B, H, N)
+    kn = torch.linalg.vector_norm(k, dim=-1).clamp_min(UNIT_EPS)  # (B, H, M)
+    return (q @ k.transpose(-1, -2)) / (qn[..., :, None] * kn[..., None, :])
+
+
+@lru_cache(maxsize=64)
+def _triu_pairs(m: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices (i, j), i ≤ j, of the upper triangle of an m×m matrix and the √2 weights of i<j."""
+    i, j = torch.triu_indices(m, m, device=device)
+    # float64 so that √2 is exact to the precision of whatever dtype it is cast to
+    weight = torch.where(i == j, torch.tensor(1.0, dtype=torch.float64),
+                         torch.tensor(math.sqrt(2.0), dtype=torch.float64)).to(device)
+    return i, j, weight
+
+
+def symmetric_outer(y: Tensor) -> Tensor:
+    """Symmetric half of y⊗y: (..., m) → (..., m(m+1)/2), off-diagonal terms scaled by √2.
+
+    sym(a)·sym(b) = Σ_ij a_i a_j b_i b_j = (a·b)², the same as vec(a⊗a)·vec(b⊗b) with about
+    half the features.
+    """
+    i, j, weight = _triu_pairs(y.shape[-1], y.device)
+    return y[..., i] * y[..., j] * weight.to(y.dtype)
+
+
+def _sq_scores(q: Tensor, k: Tensor) -> Tensor:
+    """s = q·k/√d for every pair: (B, H, N, M)."""
+    return (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+
+
+# ----------------------------------------------------------------------------------- softmax
+
+
+def _softmax_pairwise(q: Tensor, k: Tensor) -> Tensor:
+    return torch.exp(_sq_scores(q, k))
+
+
+register_kernel(Kernel(
+    name="softmax",
+    normalized=True,
+    description="exp(q·k/√d), dense only (F.scaled_dot_product_attention)",
+    pairwise=_softmax_pairwise,
+    reference="79.8 (Table 2)",
+))
+
+# -------------------------------------------------------------------------------------- relu
+
+
+def _relu_pairwise(q: Tensor, k: Tensor) -> Tensor:
+    return torch.einsum("bhnc,bhmc->bhnm", q.clamp_min(0), k.clamp_min(0))
+
+
+def _relu_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, None]:
+    return torch.relu(x), None
+
+
+register_kernel(Kernel(
+    name="relu",
+    normalized=True,
+    description="φ(x)=ReLU(x) (EfficientViT)",
+    pairwise=_relu_pairwise,
+    features=_relu_features,
+    feature_dim=lambda d: d,
+    reference="79.4 (Table 2)",
+))
+
+# ------------------------------------------------------------------------------------ cosine
+
+
+def _cosine_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, None]:
+    return _unit(x), None
+
+
+register_kernel(Kernel(
+    name="cosine",
+    normalized=False,
+    description="φ(x)=x/‖x‖ (Hydra); no normaliser, out = φ(Q)(φ(K)ᵀV)/M",
+    pairwise=_unit_cosine,
+    features=_cosine_features,
+    feature_dim=lambda d: d,
+    output_scale=lambda n_keys: 1.0 / n_keys,
+    reference="79.1 (Table 2)",
+))
+
+# -------------------------------------------------------------------------------------- mean
+
+
+def _mean_pairwise(q: Tensor, k: Tensor) -> Tensor:
+    return (q @ k.transpose(-1, -2)) / k.shape[-2]
+
+
+def _mean_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, None]:
+    return x / math.sqrt(n_keys), None
+
+
+register_kernel(Kernel(
+    name="mean",
+    normalized=False,
+    description="φ(x)=x/√M (PolyNL); no normaliser, out = φ(Q)(φ(K)ᵀV)",
+    pairwise=_mean_pairwise,
+    features=_mean_features,
+    feature_dim=lambda d: d,
+    reference="78.8 (Table 2)",
+))
+
+# --------------------------------------------------------------------------- sigmoid_softmax
+
+
+def _sigmoid_softmax_pairwise(q: Tensor, k: Tensor) -> Tensor:
+    # softmax of each key channel over the token axis, written out as exp(k - logsumexp).
+    k_soft = torch.exp(k - torch.logsumexp(k, dim=-2, keepdim=True))  # (B, H, M, d)
+    return torch.einsum("bhnc,bhmc->bhnm", torch.sigmoid(q), k_soft)
+
+
+def _sigmoid_softmax_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, None]:
+    if role == "q":
+        return torch.sigmoid(x), None
+    return torch.softmax(x, dim=-2), None
+
+
+register_kernel(Kernel(
+    name="sigmoid_softmax",
+    normalized=True,
+    description="φ(q)=σ(q), φ(k)=softmax of k over tokens (AFT-simple)",
+    pairwise=_sigmoid_softmax_pairwise,
+    features=_sigmoid_softmax_features,
+    feature_dim=lambda d: d,
+    reference="78.9 (Table 2)",
+))
+
+# ----------------------------------------------------------------------------------- angular
+
+
+def _angular_pairwise(q: Tensor, k: Tensor) -> Tensor:
+    return 0.5 + _unit_cosine(q, k) / math.pi
+
+
+def _angular_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, float]:
+    return _unit(x) / math.sqrt(math.pi), math.sqrt(0.5)
+
+
+register_kernel(Kernel(
+    name="angular",
+    normalized=True,
+    description="w = 1/2 + q̂·k̂/π (Castling-ViT, linear part)",
+    pairwise=_angular_pairwise,
+    features=_angular_features,
+    feature_dim=lambda d: d + 1,
+    reference="79.1 (Table 2)",
+))
+
+# ----------------------------------------------------------------------------------- taylor1
+
+
+def _taylor1_pairwise(q: Tensor, k: Tensor) -> Tensor:
+    return 1.0 + _unit_cosine(q, k) / math.sqrt(q.shape[-1])
+
+
+def _taylor1_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, float]:
+    return _unit(x) / x.shape[-1] ** 0.25, 1.0
+
+
+register_kernel(Kernel(
+    name="taylor1",
+    normalized=True,
+    description="w = 1 + q̂·k̂/√d (ViTALiTy, 1st order)",
+    pairwise=_taylor1_pairwise,
+    features=_taylor1_features,
+    feature_dim=lambda d: d + 1,
+    reference="78.5 (Table 2)",
+))
+
+# ------------------------------------------------------------------- taylor2 and its reductions
+# All share w = 1 + s + Q(q, k)/2 with s = q·k/√d; they differ in the quadratic term Q, whose
+# features are scaled by 1/√(2d) so that Q/2 keeps taylor2's scale.
+# Feature map: ψ(x) = [quadratic features, x/d^¼], const = 1 (the constants 1/√2·1/√2 of the
+# spec's φ and the 1·1 inside ϕ⊗ϕ add up to 1).
+
+
+def _taylor2_family_features(quadratic: Tensor, x: Tensor) -> tuple[Tensor, float]:
+    d = x.shape[-1]
+    return torch.cat([quadratic / math.sqrt(2 * d), x / d**0.25], dim=-1), 1.0
+
+
+def _taylor2_pairwise(q: Tensor, k: Tensor) -> Tensor:
+    s = _sq_scores(q, k)
+    return 1.0 + s + 0.5 * s * s
+
+
+def _taylor2_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, float]:
+    return _taylor2_family_features(symmetric_outer(x), x)
+
+
+register_kernel(Kernel(
+    name="taylor2",
+    normalized=True,
+    description="w = 1 + s + s²/2 exactly (symmetric half of ϕ⊗ϕ), O(N·d³)",
+    pairwise=_taylor2_pairwise,
+    features=_taylor2_features,
+    feature_dim=lambda d: d * (d + 1) // 2 + d + 1,
+    reference="79.7 (Table 3)",
+))
+
+
+def _check_divides(name: str, d: int, parts: int, what: str) -> None:
+    if parts < 1 or d % parts:
+        raise ValueError(f"kernel {name!r}: head dim d={d} must be divisible by {what}={parts}")
+
+
+def _pooled(x: Tensor, pool: int) -> Tensor:
+    """Average-pool the channel axis by ``pool``: (..., d) → (..., d/pool)."""
+    _check_divides("taylor2_pool", x.shape[-1], pool, "pool")
+    return x.unflatten(-1, (x.shape[-1] // pool, pool)).mean(-1)
+
+
+def _taylor2_pool_pairwise(q: Tensor, k: Tensor, pool: int) -> Tensor:
+    s = _sq_scores(q, k)
+    sp = _pooled(q, pool) @ _pooled(k, pool).transpose(-1, -2)
+    return 1.0 + s + sp * sp / (2 * q.shape[-1])
+
+
+def _taylor2_pool_features(x: Tensor, role: str, n_keys: int, pool: int) -> tuple[Tensor, float]:
+    return _taylor2_family_features(symmetric_outer(_pooled(x, pool)), x)
+
+
+def _pool_dim(d: int, pool: int) -> int:
+    m = d // pool
+    return m * (m + 1) // 2 + d + 1
+
+
+register_kernel(Kernel(
+    name="taylor2_pool",
+    normalized=True,
+    description="taylor2 with quadratic terms of x average-pooled to d/pool",
+    params={"pool": 2},
+    pairwise=_taylor2_pool_pairwise,
+    features=_taylor2_pool_features,
+    feature_dim=_pool_dim,
+    reference="79.3 (pool 2) / 79.1 (pool 4) (Table 3)",
+))
+
+
+def _chunked(x: Tensor, chunks: int) -> Tensor:
+    """Split the channel axis into ``chunks`` equal slices: (..., d) → (..., chunks, d/chunks)."""
+    _check_divides("taylor2_chunk", x.shape[-1], chunks, "chunks")
+    return x.unflatten(-1, (chunks, x.shape[-1] // chunks))
+
+
+def _taylor2_chunk_pairwise(q: Tensor, k: Tensor, chunks: int) -> Tensor:
+    s = _sq_scores(q, k)
+    per_chunk = torch.einsum("bhncx,bhmcx->bhnmc", _chunked(q, chunks), _chunked(k, chunks))
+    return 1.0 + s + per_chunk.pow(2).sum(-1) / (2 * q.shape[-1])
+
+
+def _taylor2_chunk_features(x: Tensor, role: str, n_keys: int, chunks: int) -> tuple[Tensor, float]:
+    quadratic = symmetric_outer(_chunked(x, chunks)).flatten(-2)  # (B, H, T, chunks·m(m+1)/2)
+    return _taylor2_family_features(quadratic, x)
+
+
+def _chunk_dim(d: int, chunks: int) -> int:
+    m = d // chunks
+    return chunks * m * (m + 1) // 2 + d + 1
+
+
+register_kernel(Kernel(
+    name="taylor2_chunk",
+    normalized=True,
+    description="taylor2 with quadratic terms = Kronecker products inside `chunks` slices of x",
+    params={"chunks": 2},
+    pairwise=_taylor2_chunk_pairwise,
+    features=_taylor2_chunk_features,
+    feature_dim=_chunk_dim,
+    reference="79.4 / 79.3 / 79.1 (chunks 2 / 4 / 8) (Table 3)",
+))
+
+
+@lru_cache(maxsize=64)
+def random_product_pairs(d: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The d products x_a·x_b (a, b in [0, d)) that ``taylor2_random`` keeps, fixed by ``seed``."""
+    picked = torch.randperm(d * d, generator=torch.Generator().manual_seed(int(seed)))[:d]
+    return picked // d, picked % d
+
+
+def _taylor2_random_pairwise(q: Tensor, k: Tensor, seed: int) -> Tensor:
+    d = q.shape[-1]
+    a, b = random_product_pairs(d, seed)
+    mask = torch.zeros(d, d, dtype=q.dtype, device=q.device)
+    mask[a.to(q.device), b.to(q.device)] = 1.0  # products drawn twice cannot occur (randperm)
+    qq = q[..., :, None] * q[..., None, :]  # (B, H, N, d, d)
+    kk = k[..., :, None] * k[..., None, :]  # (B, H, M, d, d)
+    quad = torch.einsum("bhnxy,xy,bhmxy->bhnm", qq, mask, kk)
+    return 1.0 + _sq_scores(q, k) + quad / (2 * d)
+
+
+def _taylor2_random_features(x: Tensor, role: str, n_keys: int, seed: int) -> tuple[Tensor, float]:
+    a, b = random_product_pairs(x.shape[-1], seed)
+    a, b = a.to(x.device), b.to(x.device)
+    return _taylor2_family_features(x[..., a] * x[..., b], x)
+
+
+register_kernel(Kernel(
+    name="taylor2_random",
+    normalized=True,
+    description="taylor2 with d randomly chosen (by `seed`) of the d² quadratic products; w may be < 0",
+    params={"seed": 0},
+    pairwise=_taylor2_random_pairwise,
+    features=_taylor2_random_features,
+    feature_dim=lambda d, seed=0: 2 * d + 1,
+    reference="61.8 (Table 3)",
+))
+
+# ---------------------------------------------------------------------------------- qt_paper
+# Paper Eq. 11: φ(x) = [α·x⊙x, β·(4/d)^¼·x, γ]/√2 ⊕ 1/√2, so
+#   w = (α²⟨q⊙q, k⊙k⟩ + β²·(2/√d)·q·k + γ²)/2 + 1/2.
+# Both constant features are merged into one, √((γ²+1)/2), shared by q and k.
+
+
+def _qt_paper_pairwise(q: Tensor, k: Tensor, alpha, beta, gamma) -> Tensor:
+    d = q.shape[-1]
+    quad = (q * q) @ (k * k).transpose(-1, -2)
+    lin = (q @ k.transpose(-1, -2)) * (2.0 / math.sqrt(d))
+    return (alpha * alpha * quad + beta * beta * lin + gamma * gamma) / 2 + 0.5
+
+
+def _qt_paper_features(x: Tensor, role: str, n_keys: int, alpha, beta, gamma) -> tuple[Tensor, Tensor]:
+    d = x.shape[-1]
+    psi = torch.cat([alpha * (x * x), (beta * (4.0 / d) ** 0.25) * x], dim=-1) / math.sqrt(2.0)
+    const = torch.sqrt((torch.as_tensor(gamma, dtype=x.dtype, device=x.device) ** 2 + 1) / 2)
+    return psi, const
+
+
+register_kernel(Kernel(
+    name="qt_paper",
+    normalized=True,
+    description="paper Eq. 11: [α·x⊙x, β(4/d)^¼x, γ]/√2 ⊕ 1/√2 with learnable α, β, γ",
+    params={"alpha": 1.0, "beta": 0.0, "gamma": 1.0},
+    learnable=("alpha", "beta", "gamma"),
+    pairwise=_qt_paper_pairwise,
+    features=_qt_paper_features,
+    feature_dim=lambda d, **_: 2 * d + 1,
+    reference="79.6 (paper form)",
+))
+
+# ---------------------------------------------------------------------------------------- qt
+# The released code's kernel (SPEC §3 steps 2-4): x̂ = n(n(x)²) with n(x) = x/(‖x‖+ε),
+# w(q, k) = ⟨q̂, k̂⟩ + c², normalised. (APE and the GELU(BN(v)) shortcut belong to the layer.)
+
+
+def qt_hat(x: Tensor) -> Tensor:
+    """SPEC §3 step 2 literally: x/(‖x‖+ε), square, x/(‖x‖+ε). (..., d) → (..., d)."""
+    x = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + EPS)
+    x = x * x
+    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + EPS)
+
+
+def _qt_pairwise(q: Tensor, k: Tensor, const) -> Tensor:
+    return qt_hat(q) @ qt_hat(k).transpose(-1, -2) + const * const
+
+
+def _qt_features(x: Tensor, role: str, n_keys: int, const) -> tuple[Tensor, object]:
+    return qt_hat(x), const
+
+
+# Floor on r(x) = ‖x⊙x‖ in the linear qt path: 1/r scales values, so it must stay finite. It only
+# binds for ‖x‖ < 1e-15, where the released code's own ε = 1e-15 dominates as well.
+QT_NORM_FLOOR = 1e-30
+
+
+def _qt_linear(q: Tensor, k: Tensor, v: Tensor, const) -> Tensor:
+    """O(N) qt attention with both normalisations and the constant feature folded algebraically.
+
+    Step 2 of SPEC §3 gives x̂ = x²/r(x), r(x) = ‖x²‖ (the first normalisation only rescales x;
+    the released code's ε changes r by < ε·√d relative). With S = Σ_j [v_j, 1] and
+    [KV | Kz] = Σ_j k_j² [v_j, 1]/r(k_j), multiplying numerator and denominator by r(q_i):
+        out_i = (q_i²·KV + r(q_i)·c²S_v) / (q_i²·Kz + r(q_i)·(c²M + ε)).
+    So no normalised copy of q or k is ever made: beyond ReLU attention the cost is two squares,
+    two row norms and in-place scalings of tensors the ReLU path allocates anyway.
+    q (B, H, N, d), k (B, H, M, d), v (B, H, M, e) → (B, H, N, e).
+    """
+    e = v.shape[-1]
+    q2, k2 = q * q, k * k  # (B, H, N, d), (B, H, M, d)
+    r_q = torch.linalg.vector_norm(q2, dim=-1, keepdim=True).clamp_min_(QT_NORM_FLOOR)  # (B, H, N, 1)
+    r_k = torch.linalg.vector_norm(k2, dim=-1, keepdim=True).clamp_min_(QT_NORM_FLOOR)  # (B, H, M, 1)
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, M, e+1)
+    # c²·Σ_j [v_j, 1] with the denominator's ε riding in the last column: (B, H, 1, e+1)
+    const_row = (const * const) * v1.sum(-2, keepdim=True)
+    const_row[..., e:] += EPS
+    kv = k2.transpose(-1, -2) @ v1.div_(r_k)  # (B, H, d, e+1); in place: cat's output is ours
+    out = (q2 @ kv).addcmul_(r_q, const_row)  # (B, H, N, e+1): r(q_i)·[numerator | denominator]
+    return out[..., :e] / out[..., e:]
+
+
+register_kernel(Kernel(
+    name="qt",
+    normalized=True,
+    description="QT-ViT released form: w = ⟨n(n(q)²), n(n(k)²)⟩ + c², learnable c (default)",
+    params={"const": 1.0},
+    learnable=("const",),
+    pairwise=_qt_pairwise,
+    features=_qt_features,
+    feature_dim=lambda d, **_: d + 1,
+    linear_impl=_qt_linear,
+    reference="79.6 (Table 2)",
+))

@@ -1,0 +1,251 @@
+"""``qtvit.attention``: any registered kernel, dense (N×M weights) or linear (O(N) feature maps).
+
+Shapes: q (B, H, N, d), k (B, H, M, d), v (B, H, M, e) → out (B, H, N, e).
+
+Numerics: the kernel math always runs in float32 (float64 stays float64) with autocast
+disabled for the tensors' device, and the result is cast back to the input dtype. ε = 1e-15 is
+zero in fp16, so no division ever happens in half precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .definitions import EPS
+from .registry import Kernel, get_kernel
+
+Tensor = torch.Tensor
+
+IMPLS = ("auto", "linear", "dense")
+
+# Peak bytes allowed for one chunk of features/weights. Feature maps wider than a few d
+# (taylor2 at d=32 has 561 features) and dense weight matrices are built this many bytes at a
+# time, so peak memory stays O(N·d + D·e) instead of O(N·D) (or O(N·M) for dense).
+CHUNK_BYTES = 32 * 2**20
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have shape (B, H, tokens, dim); got a {t.dim()}-D tensor of shape "
+                f"{tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} has dtype {t.dtype}; attention needs a floating-point tensor")
+        if 0 in t.shape:
+            raise ValueError(f"{name} has an empty dimension: shape {tuple(t.shape)}")
+    if not (q.shape[:2] == k.shape[:2] == v.shape[:2]):
+        raise ValueError(
+            "q, k and v must share (B, H): got q "
+            f"{tuple(q.shape[:2])}, k {tuple(k.shape[:2])}, v {tuple(v.shape[:2])}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim: q has {q.shape[-1]}, k has {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k and v must have the same number of tokens: k has {k.shape[-2]}, v has {v.shape[-2]}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have one dtype: got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device: got {q.device}, {k.device}, {v.device}")
+
+
+def fp32_region(device: torch.device):
+    """A context that disables autocast for ``device``'s type (a no-op where autocast doesn't exist)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # device types without autocast support
+        return contextlib.nullcontext()
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp16, bf16, fp32) is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cast_back(out: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast to ``dtype``; for fp16, saturate at ±65504 so an out-of-range result is not inf."""
+    if dtype == torch.float16:
+        limit = torch.finfo(torch.float16).max
+        out = out.clamp(-limit, limit)
+    return out.to(dtype)
+
+
+def _cast_params(params: dict, dtype: torch.dtype) -> dict:
+    return {n: p.to(dtype) if isinstance(p, torch.Tensor) else p for n, p in params.items()}
+
+
+def _tokens_per_chunk(rows: int, width: int, itemsize: int) -> int:
+    """Tokens per chunk so that a (rows, chunk, width) tensor stays under CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // max(1, rows * width * itemsize))
+
+
+def _maybe_checkpoint(fn, *args):
+    """Recompute chunks in backward instead of storing their features (keeps grads O(N·d))."""
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def feature_map(x: Tensor, kernel: str | Kernel, role: str = "q", n_keys: int | None = None,
+                **params) -> Tensor:
+    """The full feature map φ(x) = [ψ(x), const], (B, H, T, d) → (B, H, T, D).
+
+    ``role`` is ``"q"`` or ``"k"`` (they differ for ``sigmoid_softmax``); ``n_keys`` is the key
+    count M (used by ``mean``), defaulting to T. Meant for analysis and tests: the attention
+    paths never materialise the constant column.
+    """
+    kern = get_kernel(kernel)
+    if kern.features is None:
+        raise ValueError(f"kernel {kern.name!r} has no feature map (it is dense only)")
+    params = kern.resolve_params(params)
+    psi, const = kern.features(x, role, n_keys or x.shape[-2], **params)
+    if const is None:
+        return psi
+    const = torch.as_tensor(const, dtype=psi.dtype, device=psi.device)
+    return torch.cat([psi, const.expand(*psi.shape[:-1], 1)], dim=-1)
+
+
+def _linear_generic(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict) -> Tensor:
+    """Feature-map path: out = φ(Q)[φ(K)ᵀ[V,1]], never building an N×M matrix, chunked over tokens."""
+    B, H, N, d = q.shape
+    M, e = k.shape[-2], v.shape[-1]
+    D = kern.feature_dim(d, **params)
+    chunk = _tokens_per_chunk(B * H, D, q.element_size()) if kern.features is not None else N
+    token_local = kern.name != "sigmoid_softmax"  # its key features use a softmax over all tokens
+    if not token_local:
+        chunk = max(N, M)
+
+    def features(x: Tensor, role: str) -> tuple[Tensor, object]:
+        return kern.features(x, role, M, **params)
+
+    def with_ones(x: Tensor) -> Tensor:  # [v, 1]: the normaliser rides along as an extra column
+        return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1) if kern.normalized else x
+
+    def key_chunk(k_c: Tensor, v_c: Tensor) -> Tensor:
+        psi, _ = features(k_c, "k")
+        return psi.transpose(-1, -2) @ with_ones(v_c)  # (B, H, D-1, e')
+
+    _, const_k = features(k[..., :1, :], "k") if token_local else features(k, "k")
+    kv = None
+    for s in range(0, M, chunk):
+        part = _maybe_checkpoint(key_chunk, k[..., s:s + chunk, :], v[..., s:s + chunk, :])
+        kv = part if kv is None else kv + part
+
+    const_term = None  # const_q·const_k·Σ_j [v_j, 1]: (B, H, 1, e')
+    scale = 1.0 if kern.output_scale is None else kern.output_scale(M)
+
+    def query_chunk(q_c: Tensor, kv: Tensor, const_term: Tensor | None) -> Tensor:
+        psi, _ = features(q_c, "q")
+        out = psi @ kv if const_term is None else torch.baddbmm(
+            const_term.flatten(0, 1), psi.flatten(0, 1), kv.flatten(0, 1)).unflatten(0, (B, H))
+        if kern.normalized:
+            return out[..., :e] / (out[..., e:] + EPS)
+        return out * scale if scale != 1.0 else out
+
+    _, const_q = features(q[..., :1, :], "q")
+    if const_q is not None and const_k is not None:
+        v_sum = v.sum(-2, keepdim=True)  # (B, H, 1, e)
+        if kern.normalized:  # the ones column of [V, 1] sums to M
+            v_sum = torch.cat([v_sum, torch.full_like(v_sum[..., :1], M)], dim=-1)
+        const_term = (const_q * const_k) * v_sum
+    outs = [_maybe_checkpoint(query_chunk, q[..., s:s + chunk, :], kv, const_term)
+            for s in range(0, N, chunk)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict) -> Tensor:
+    """Reference path: the N×M weight matrix from the pairwise formula, rows normalised.
+
+    Queries are processed in chunks so the weights of one chunk stay under CHUNK_BYTES.
+    """
+    if kern.name == "softmax":
+        return F.scaled_dot_product_attention(q, k, v)
+    B, H, N, _ = q.shape
+    M = k.shape[-2]
+    scale = 1.0 if kern.output_scale is None else kern.output_scale(M)
+    chunk = _tokens_per_chunk(B * H * 4, M, q.element_size())  # ~4 temporaries of w's size
+
+    def query_chunk(q_c: Tensor) -> Tensor:
+        w = kern.pairwise(q_c, k, **params)  # (B, H, n, M)
+        if kern.normalized:
+            return (w @ v) / (w.sum(-1, keepdim=True) + EPS)
+        return (w @ v) * scale
+
+    outs = [query_chunk(q[..., s:s + chunk, :]) for s in range(0, N, chunk)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+def choose_impl(kernel: str | Kernel, n_queries: int, n_keys: int, d: int, e: int, **params) -> str:
+    """What ``impl="auto"`` picks: ``dense`` where the N×M product is cheaper than the feature path.
+
+    Cost model in multiply-adds: dense N·M·(d + e), linear (N + M)·D·(e + 1).
+    """
+    kern = get_kernel(kernel)
+    if not kern.has_linear:
+        return "dense"
+    D = kern.feature_dim(d, **kern.resolve_params(params))
+    return "dense" if n_queries * n_keys * (d + e) <= (n_queries + n_keys) * D * (e + 1) else "linear"
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel = "qt", impl: str = "auto",
+              **params) -> Tensor:
+    """Kernel attention out_i = Σ_j w(q_i, k_j) v_j [/ Σ_j w(q_i, k_j)].
+
+    Args:
+        q: queries (B, H, N, d).
+        k: keys (B, H, M, d).
+        v: values (B, H, M, e); e may differ from d.
+        kernel: a name from :func:`qtvit.list_kernels` (default ``"qt"``).
+        impl: ``"linear"`` (O(N) feature-map path), ``"dense"`` (N×M weights from the pairwise
+            formula; the reference) or ``"auto"`` (linear unless dense is cheaper, e.g. tiny N).
+        **params: the kernel's parameters (``const`` for ``qt``; ``alpha, beta, gamma`` for
+            ``qt_paper``; ``pool``, ``chunks``, ``seed`` for the reduced taylor2 kernels). They
+            may be tensors that require grad.
+
+    Returns:
+        (B, H, N, e) in the input dtype. Computed in float32 (float64 inputs: float64) with
+        autocast disabled.
+    """
+    kern = get_kernel(kernel)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    _check_inputs(q, k, v)
+    params = kern.resolve_params(params)
+    if impl == "auto":
+        impl = choose_impl(kern, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], **params)
+    if impl == "linear" and not kern.has_linear:
+        raise ValueError(f"kernel {kern.name!r} has no linear (feature-map) form; use impl='dense'")
+
+    in_dtype = q.dtype
+    work = compute_dtype(in_dtype)
+    with fp32_region(q.device):
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        params = _cast_params(params, work)
+        if impl == "dense":
+            out = _dense(kern, q, k, v, params)
+        elif kern.linear_impl is not None:
+            out = kern.linear_impl(q, k, v, **params)
+        else:
+            out = _linear_generic(kern, q, k, v, params)
+    return cast_back(out, in_dtype)
+
+
+def linear_attention_generic(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel, **params) -> Tensor:
+    """The generic feature-map path even for kernels with a specialised one (for tests/benchmarks)."""
+    kern = get_kernel(kernel)
+    _check_inputs(q, k, v)
+    params = _cast_params(kern.resolve_params(params), compute_dtype(q.dtype))
+    return _linear_generic(kern, q, k, v, params)
+
+
+__all__ = ["attention", "feature_map", "choose_impl", "linear_attention_generic", "IMPLS",
+           "fp32_region", "cast_back", "compute_dtype"]
