@@ -218,6 +218,34 @@ def _taylor2_family_features(quadratic: Tensor, x: Tensor) -> tuple[Tensor, floa
     return torch.cat([quadratic / math.sqrt(2 * d), x / d**0.25], dim=-1), 1.0
 
 
+def _second_order_linear(q: Tensor, k: Tensor, v: Tensor, y_q: Tensor, y_k: Tensor, block: int) -> Tensor:
+    """O(N) taylor2-family attention without materialising the quadratic features.
+
+    w(q, k) = 1 + s + Σ_{a,b same block} y_q,a y_q,b · y_k,a y_k,b / (2d), with y = x (taylor2),
+    pooled x (taylor2_pool) or x cut into blocks (taylor2_chunk). Rather than building the
+    (B, H, N, m(m+1)/2) feature tensor, loop over the first index a and contract the key side
+    T_a = Σ_j y_k,ja · y_k,j[a:end] ⊗ [v_j, 1] (off-diagonal pairs counted twice), then
+    out += (y_q,a · y_q[a:end]) @ T_a. Temporaries are (tokens × block) at most, so peak memory
+    stays O(N·d) for any head dim, and no gather/concatenate passes are needed.
+    q (B, H, N, d), k (B, H, M, d), v (B, H, M, e), y_q (B, H, N, m), y_k (B, H, M, m).
+    """
+    d, e = q.shape[-1], v.shape[-1]
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, M, e+1)
+    # constant and linear terms: Σ_j [v_j,1] + q·(Σ_j k_j ⊗ [v_j,1])/√d
+    out = torch.baddbmm(v1.sum(-2, keepdim=True).flatten(0, 1), q.flatten(0, 1),
+                        (k.transpose(-1, -2) @ v1).flatten(0, 1) / math.sqrt(d))  # (BH, N, e+1)
+    m = y_q.shape[-1]
+    for a in range(m):
+        end = (a // block + 1) * block  # products pair a with b in [a, end): a's block
+        pair_k = y_k[..., a:end] * y_k[..., a:a + 1]  # (B, H, M, end-a)
+        t = pair_k.transpose(-1, -2) @ v1  # (B, H, end-a, e+1)
+        t = torch.cat([t[..., :1, :], 2.0 * t[..., 1:, :]], dim=-2) / (2 * d)  # b≠a pairs count twice
+        pair_q = y_q[..., a:end] * y_q[..., a:a + 1]  # (B, H, N, end-a)
+        out = torch.baddbmm(out, pair_q.flatten(0, 1), t.flatten(0, 1))
+    out = out.unflatten(0, q.shape[:2])  # (B, H, N, e+1)
+    return out[..., :e] / (out[..., e:] + EPS)
+
+
 def _taylor2_pairwise(q: Tensor, k: Tensor) -> Tensor:
     s = _sq_scores(q, k)
     return 1.0 + s + 0.5 * s * s
@@ -234,6 +262,7 @@ register_kernel(Kernel(
     pairwise=_taylor2_pairwise,
     features=_taylor2_features,
     feature_dim=lambda d: d * (d + 1) // 2 + d + 1,
+    linear_impl=lambda q, k, v: _second_order_linear(q, k, v, q, k, block=q.shape[-1]),
     reference="79.7 (Table 3)",
 ))
 
@@ -272,6 +301,8 @@ register_kernel(Kernel(
     pairwise=_taylor2_pool_pairwise,
     features=_taylor2_pool_features,
     feature_dim=_pool_dim,
+    linear_impl=lambda q, k, v, pool: _second_order_linear(
+        q, k, v, _pooled(q, pool), _pooled(k, pool), block=q.shape[-1] // pool),
     reference="79.3 (pool 2) / 79.1 (pool 4) (Table 3)",
 ))
 
@@ -306,6 +337,8 @@ register_kernel(Kernel(
     pairwise=_taylor2_chunk_pairwise,
     features=_taylor2_chunk_features,
     feature_dim=_chunk_dim,
+    linear_impl=lambda q, k, v, chunks: _second_order_linear(
+        q, k, v, q, k, block=_chunked(q, chunks).shape[-1]),
     reference="79.4 / 79.3 / 79.1 (chunks 2 / 4 / 8) (Table 3)",
 ))
 
@@ -415,8 +448,8 @@ def _qt_linear(q: Tensor, k: Tensor, v: Tensor, const) -> Tensor:
     """
     e = v.shape[-1]
     q2, k2 = q * q, k * k  # (B, H, N, d), (B, H, M, d)
-    r_q = torch.linalg.vector_norm(q2, dim=-1, keepdim=True).clamp_min_(QT_NORM_FLOOR)  # (B, H, N, 1)
-    r_k = torch.linalg.vector_norm(k2, dim=-1, keepdim=True).clamp_min_(QT_NORM_FLOOR)  # (B, H, M, 1)
+    r_q = torch.linalg.vector_norm(q2, dim=-1, keepdim=True).clamp_min(QT_NORM_FLOOR)  # (B, H, N, 1)
+    r_k = torch.linalg.vector_norm(k2, dim=-1, keepdim=True).clamp_min(QT_NORM_FLOOR)  # (B, H, M, 1)
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, M, e+1)
     # c²·Σ_j [v_j, 1] with the denominator's ε riding in the last column: (B, H, 1, e+1)
     const_row = (const * const) * v1.sum(-2, keepdim=True)
