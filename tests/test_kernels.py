@@ -317,6 +317,18 @@ def test_qt_zero_query_attends_uniformly():
     torch.testing.assert_close(out[:, :, 1], v.mean(-2))
 
 
+@pytest.mark.parametrize("impl", ["linear", "dense"])
+@pytest.mark.parametrize("case", [c for c in LINEAR_CASES if qtvit.get_kernel(c[0]).normalized], ids=case_id)
+def test_eps_is_added_to_the_normaliser(case, impl):
+    """attention(eps=ε) = Σ w v / (Σ w + ε), checked against the dense weights in float64."""
+    name, params = case
+    q, k, v = qkv(N=9, M=11, d=8)
+    kern = qtvit.get_kernel(name)
+    w = kern.pairwise(q, k, **kern.resolve_params(params))
+    expected = (w @ v) / (w.sum(-1, keepdim=True) + 0.5)
+    torch.testing.assert_close(qtvit.attention(q, k, v, name, impl=impl, eps=0.5, **params), expected)
+
+
 def test_auto_picks_dense_only_when_it_is_cheaper():
     assert kfun.choose_impl("qt", 16, 16, 16, 16) == "dense"
     assert kfun.choose_impl("qt", 196, 196, 16, 16) == "linear"

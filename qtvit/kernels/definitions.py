@@ -218,7 +218,8 @@ def _taylor2_family_features(quadratic: Tensor, x: Tensor) -> tuple[Tensor, floa
     return torch.cat([quadratic / math.sqrt(2 * d), x / d**0.25], dim=-1), 1.0
 
 
-def _second_order_linear(q: Tensor, k: Tensor, v: Tensor, y_q: Tensor, y_k: Tensor, block: int) -> Tensor:
+def _second_order_linear(q: Tensor, k: Tensor, v: Tensor, y_q: Tensor, y_k: Tensor, block: int,
+                         eps: float = EPS) -> Tensor:
     """O(N) taylor2-family attention without materialising the quadratic features.
 
     w(q, k) = 1 + s + Σ_{a,b same block} y_q,a y_q,b · y_k,a y_k,b / (2d), with y = x (taylor2),
@@ -243,7 +244,7 @@ def _second_order_linear(q: Tensor, k: Tensor, v: Tensor, y_q: Tensor, y_k: Tens
         pair_q = y_q[..., a:end] * y_q[..., a:a + 1]  # (B, H, N, end-a)
         out = torch.baddbmm(out, pair_q.flatten(0, 1), t.flatten(0, 1))
     out = out.unflatten(0, q.shape[:2])  # (B, H, N, e+1)
-    return out[..., :e] / (out[..., e:] + EPS)
+    return out[..., :e] / (out[..., e:] + eps)
 
 
 def _taylor2_pairwise(q: Tensor, k: Tensor) -> Tensor:
@@ -262,7 +263,7 @@ register_kernel(Kernel(
     pairwise=_taylor2_pairwise,
     features=_taylor2_features,
     feature_dim=lambda d: d * (d + 1) // 2 + d + 1,
-    linear_impl=lambda q, k, v: _second_order_linear(q, k, v, q, k, block=q.shape[-1]),
+    linear_impl=lambda q, k, v, eps: _second_order_linear(q, k, v, q, k, block=q.shape[-1], eps=eps),
     reference="79.7 (Table 3)",
 ))
 
@@ -301,8 +302,8 @@ register_kernel(Kernel(
     pairwise=_taylor2_pool_pairwise,
     features=_taylor2_pool_features,
     feature_dim=_pool_dim,
-    linear_impl=lambda q, k, v, pool: _second_order_linear(
-        q, k, v, _pooled(q, pool), _pooled(k, pool), block=q.shape[-1] // pool),
+    linear_impl=lambda q, k, v, eps, pool: _second_order_linear(
+        q, k, v, _pooled(q, pool), _pooled(k, pool), block=q.shape[-1] // pool, eps=eps),
     reference="79.3 (pool 2) / 79.1 (pool 4) (Table 3)",
 ))
 
@@ -337,8 +338,8 @@ register_kernel(Kernel(
     pairwise=_taylor2_chunk_pairwise,
     features=_taylor2_chunk_features,
     feature_dim=_chunk_dim,
-    linear_impl=lambda q, k, v, chunks: _second_order_linear(
-        q, k, v, q, k, block=_chunked(q, chunks).shape[-1]),
+    linear_impl=lambda q, k, v, eps, chunks: _second_order_linear(
+        q, k, v, q, k, block=_chunked(q, chunks).shape[-1], eps=eps),
     reference="79.4 / 79.3 / 79.1 (chunks 2 / 4 / 8) (Table 3)",
 ))
 
@@ -435,7 +436,7 @@ def _qt_features(x: Tensor, role: str, n_keys: int, const) -> tuple[Tensor, obje
 QT_NORM_FLOOR = 1e-30
 
 
-def _qt_linear(q: Tensor, k: Tensor, v: Tensor, const) -> Tensor:
+def _qt_linear(q: Tensor, k: Tensor, v: Tensor, eps: float, const) -> Tensor:
     """O(N) qt attention with both normalisations and the constant feature folded algebraically.
 
     Step 2 of SPEC §3 gives x̂ = x²/r(x), r(x) = ‖x²‖ (the first normalisation only rescales x;
@@ -453,7 +454,7 @@ def _qt_linear(q: Tensor, k: Tensor, v: Tensor, const) -> Tensor:
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, M, e+1)
     # c²·Σ_j [v_j, 1] with the denominator's ε riding in the last column: (B, H, 1, e+1)
     const_row = (const * const) * v1.sum(-2, keepdim=True)
-    const_row[..., e:] += EPS
+    const_row[..., e:] += eps
     kv = k2.transpose(-1, -2) @ v1.div_(r_k)  # (B, H, d, e+1); in place: cat's output is ours
     out = (q2 @ kv).addcmul_(r_q, const_row)  # (B, H, N, e+1): r(q_i)·[numerator | denominator]
     return out[..., :e] / out[..., e:]

@@ -114,7 +114,7 @@ def feature_map(x: Tensor, kernel: str | Kernel, role: str = "q", n_keys: int | 
     return torch.cat([psi, const.expand(*psi.shape[:-1], 1)], dim=-1)
 
 
-def _linear_generic(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict) -> Tensor:
+def _linear_generic(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: float = EPS) -> Tensor:
     """Feature-map path: out = φ(Q)[φ(K)ᵀ[V,1]], never building an N×M matrix, chunked over tokens."""
     B, H, N, d = q.shape
     M, e = k.shape[-2], v.shape[-1]
@@ -148,7 +148,7 @@ def _linear_generic(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict)
         out = psi @ kv if const_term is None else torch.baddbmm(
             const_term.flatten(0, 1), psi.flatten(0, 1), kv.flatten(0, 1)).unflatten(0, (B, H))
         if kern.normalized:
-            return out[..., :e] / (out[..., e:] + EPS)
+            return out[..., :e] / (out[..., e:] + eps)
         return out * scale if scale != 1.0 else out
 
     _, const_q = features(q[..., :1, :], "q")
@@ -162,7 +162,7 @@ def _linear_generic(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
-def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict) -> Tensor:
+def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: float = EPS) -> Tensor:
     """Reference path: the N×M weight matrix from the pairwise formula, rows normalised.
 
     Queries are processed in chunks so the weights of one chunk stay under CHUNK_BYTES.
@@ -177,7 +177,7 @@ def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict) -> Tenso
     def query_chunk(q_c: Tensor) -> Tensor:
         w = kern.pairwise(q_c, k, **params)  # (B, H, n, M)
         if kern.normalized:
-            return (w @ v) / (w.sum(-1, keepdim=True) + EPS)
+            return (w @ v) / (w.sum(-1, keepdim=True) + eps)
         return (w @ v) * scale
 
     outs = [query_chunk(q[..., s:s + chunk, :]) for s in range(0, N, chunk)]
@@ -196,8 +196,8 @@ def choose_impl(kernel: str | Kernel, n_queries: int, n_keys: int, d: int, e: in
     return "dense" if n_queries * n_keys * (d + e) <= (n_queries + n_keys) * D * (e + 1) else "linear"
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel = "qt", impl: str = "auto",
-              **params) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel = "qt", impl: str = "auto", *,
+              eps: float = EPS, **params) -> Tensor:
     """Kernel attention out_i = Σ_j w(q_i, k_j) v_j [/ Σ_j w(q_i, k_j)].
 
     Args:
@@ -207,6 +207,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel = "qt", impl
         kernel: a name from :func:`qtvit.list_kernels` (default ``"qt"``).
         impl: ``"linear"`` (O(N) feature-map path), ``"dense"`` (N×M weights from the pairwise
             formula; the reference) or ``"auto"`` (linear unless dense is cheaper, e.g. tiny N).
+        eps: added to the normaliser of normalised kernels (default 1e-15, the released
+            QT-ViT/EfficientViT value; timm's EfficientViT port uses 1e-5). Always added in fp32.
         **params: the kernel's parameters (``const`` for ``qt``; ``alpha, beta, gamma`` for
             ``qt_paper``; ``pool``, ``chunks``, ``seed`` for the reduced taylor2 kernels). They
             may be tensors that require grad.
@@ -231,20 +233,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel = "qt", impl
         q, k, v = q.to(work), k.to(work), v.to(work)
         params = _cast_params(params, work)
         if impl == "dense":
-            out = _dense(kern, q, k, v, params)
+            out = _dense(kern, q, k, v, params, eps)
         elif kern.linear_impl is not None:
-            out = kern.linear_impl(q, k, v, **params)
+            out = kern.linear_impl(q, k, v, eps=eps, **params)
         else:
-            out = _linear_generic(kern, q, k, v, params)
+            out = _linear_generic(kern, q, k, v, params, eps)
     return cast_back(out, in_dtype)
 
 
-def linear_attention_generic(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel, **params) -> Tensor:
+def linear_attention_generic(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel, *, eps: float = EPS,
+                             **params) -> Tensor:
     """The generic feature-map path even for kernels with a specialised one (for tests/benchmarks)."""
     kern = get_kernel(kernel)
     _check_inputs(q, k, v)
     params = _cast_params(kern.resolve_params(params), compute_dtype(q.dtype))
-    return _linear_generic(kern, q, k, v, params)
+    return _linear_generic(kern, q, k, v, params, eps)
 
 
 __all__ = ["attention", "feature_map", "choose_impl", "linear_attention_generic", "IMPLS",

@@ -38,7 +38,7 @@ class Kernel:
         feature_dim: ``feature_dim(d, **params) -> D`` including the constant feature.
         output_scale: ``output_scale(n_keys) -> float`` for unnormalised kernels (``cosine``
             divides by M); 1 when None.
-        linear_impl: optional specialised O(N) path ``linear_impl(q, k, v, **params)`` used
+        linear_impl: optional specialised O(N) path ``linear_impl(q, k, v, eps=..., **params)`` used
             instead of the generic feature-map path (must agree with it and with ``pairwise``).
         reference: the paper's Table 2/3 number, for docs and reproduction tables.
         description: one line for ``qtvit kernels`` and the docs.

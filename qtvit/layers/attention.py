@@ -92,7 +92,8 @@ class KernelAttention(nn.Module):
 
     def set_kernel(self, kernel: str, **kernel_params) -> None:
         """Switch the kernel in place (projection weights are kept; new kernel parameters start fresh)."""
-        self.kernel_params = KernelParams(kernel, **kernel_params).to(self.qkv.weight.device)
+        weight = self.qkv.weight
+        self.kernel_params = KernelParams(kernel, **kernel_params).to(weight.device, weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3:
