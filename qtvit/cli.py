@@ -19,6 +19,7 @@ from .errors import QtvitError
 SUBCOMMANDS = (
     "qtvit.kernels.cli",
     "qtvit.models.cli",
+    "qtvit.models.convert_cli",
     "qtvit.bench.cli",
     "qtvit.train.cli",
 )

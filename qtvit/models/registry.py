@@ -75,7 +75,7 @@ def get_model_card(name: str) -> ModelCard:
 
 
 def create_model(name: str, checkpoint=None, num_classes: int = 1000, *, strict: bool = True,
-                 trust_pickle: bool = False, **kwargs) -> nn.Module:
+                 trust_pickle: bool = False, allow_missing_qt: bool = False, **kwargs) -> nn.Module:
     """Build a registered model, optionally loading ``checkpoint``.
 
     Args:
@@ -86,6 +86,8 @@ def create_model(name: str, checkpoint=None, num_classes: int = 1000, *, strict:
         strict: raise on missing/unexpected keys or shape conflicts (default).
         trust_pickle: allow full unpickling of a trusted ``.pt`` file that ``weights_only``
             loading refuses.
+        allow_missing_qt: load an EfficientViT checkpoint into a QT model, keeping the QT-only
+            parameters (APE = 0, const = 1, shortcut BN) at their initial values.
         **kwargs: passed to the builder, e.g. ``kernel="qt"``, ``ape=True``, ``shortcut=True``,
             ``drop_path_rate=0.0`` for the EfficientViT/QT-ViT family.
     """
@@ -94,5 +96,6 @@ def create_model(name: str, checkpoint=None, num_classes: int = 1000, *, strict:
     if checkpoint is not None:
         from .checkpoint import load_checkpoint
 
-        load_checkpoint(model, checkpoint, strict=strict, trust_pickle=trust_pickle)
+        load_checkpoint(model, checkpoint, strict=strict, trust_pickle=trust_pickle,
+                        allow_missing_qt=allow_missing_qt)
     return model
