@@ -350,6 +350,19 @@ def test_token_chunking_is_exact_forward_and_backward(name, monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("impl", ["generic", "dense"])
+@pytest.mark.parametrize("name", ["angular", "qt_paper", "taylor2", "cosine"])
+def test_chunked_paths_without_autograd_fill_one_output(name, impl, monkeypatch):
+    q, k, v = qkv(B=1, H=2, N=70, M=90, d=8, e=5)
+    expected = qtvit.attention(q, k, v, name, impl="dense")
+    monkeypatch.setattr(kfun, "CHUNK_BYTES", 2 * 8 * 20 * 8)
+    monkeypatch.setitem(kfun.DENSE_CHUNK_BYTES, "cpu", 2 * 4 * 90 * 8 * 16)  # 16 queries a chunk
+    with torch.no_grad():
+        out = (linear_attention_generic(q, k, v, name) if impl == "generic"
+               else qtvit.attention(q, k, v, name, impl="dense"))
+    torch.testing.assert_close(out, expected)
+
+
 MEMORY_SCRIPT = """
 import resource, torch, qtvit
 torch.manual_seed(0)

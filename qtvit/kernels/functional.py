@@ -26,6 +26,8 @@ IMPLS = ("auto", "linear", "dense")
 # N×M weights are built this many bytes at a time, so peak memory stays O(N·d + D·e) instead of
 # O(N·D) (or O(N·M) for dense). (The taylor2 family's specialised path needs no chunking.)
 CHUNK_BYTES = 8 * 2**20
+# Dense weights: bigger chunks (fewer, larger matmuls; on GPUs launch overhead dominates small ones).
+DENSE_CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 1024 * 2**20}
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -83,14 +85,35 @@ def _cast_params(params: dict, dtype: torch.dtype) -> dict:
     return {n: p.to(dtype) if isinstance(p, torch.Tensor) else p for n, p in params.items()}
 
 
-def _tokens_per_chunk(rows: int, width: int, itemsize: int) -> int:
-    """Tokens per chunk so that a (rows, chunk, width) tensor stays under CHUNK_BYTES."""
-    return max(1, CHUNK_BYTES // max(1, rows * width * itemsize))
+def _tokens_per_chunk(rows: int, width: int, itemsize: int, budget: int | None = None) -> int:
+    """Tokens per chunk so that a (rows, chunk, width) tensor stays under ``budget`` (CHUNK_BYTES)."""
+    return max(1, (budget or CHUNK_BYTES) // max(1, rows * width * itemsize))
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def _over_chunks(fn, n: int, chunk: int, out_shape: tuple[int, ...], like: Tensor, grad: bool) -> Tensor:
+    """Concatenate ``fn(s, e)`` for token ranges [s, e) of length ``chunk`` along dim -2.
+
+    Without autograd the results go straight into one preallocated output: freed chunk
+    temporaries are then reused instead of fragmenting the heap behind a growing list.
+    """
+    ranges = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    if len(ranges) == 1:
+        return fn(*ranges[0])
+    if grad:
+        return torch.cat([fn(s, e) for s, e in ranges], dim=-2)
+    out = like.new_empty(out_shape)
+    for s, e in ranges:
+        out[..., s:e, :] = fn(s, e)
+    return out
 
 
 def _maybe_checkpoint(fn, *args):
     """Recompute chunks in backward instead of storing their features (keeps grads O(N·d))."""
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+    if _needs_grad(*args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
@@ -157,9 +180,8 @@ def _linear_generic(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict,
         if kern.normalized:  # the ones column of [V, 1] sums to M
             v_sum = torch.cat([v_sum, torch.full_like(v_sum[..., :1], M)], dim=-1)
         const_term = (const_q * const_k) * v_sum
-    outs = [_maybe_checkpoint(query_chunk, q[..., s:s + chunk, :], kv, const_term)
-            for s in range(0, N, chunk)]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+    return _over_chunks(lambda s, t: _maybe_checkpoint(query_chunk, q[..., s:t, :], kv, const_term),
+                        N, chunk, (B, H, N, e), q, _needs_grad(q, kv, const_term))
 
 
 def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: float = EPS) -> Tensor:
@@ -172,7 +194,8 @@ def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: flo
     B, H, N, _ = q.shape
     M = k.shape[-2]
     scale = 1.0 if kern.output_scale is None else kern.output_scale(M)
-    chunk = _tokens_per_chunk(B * H * 4, M, q.element_size())  # ~4 temporaries of w's size
+    budget = DENSE_CHUNK_BYTES.get(q.device.type, DENSE_CHUNK_BYTES["cpu"])
+    chunk = _tokens_per_chunk(B * H * 4, M, q.element_size(), budget)  # ~4 temporaries of w's size
 
     def query_chunk(q_c: Tensor) -> Tensor:
         w = kern.pairwise(q_c, k, **params)  # (B, H, n, M)
@@ -180,8 +203,8 @@ def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: flo
             return (w @ v) / (w.sum(-1, keepdim=True) + eps)
         return (w @ v) * scale
 
-    outs = [query_chunk(q[..., s:s + chunk, :]) for s in range(0, N, chunk)]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+    grad = _needs_grad(q, k, v, *params.values())
+    return _over_chunks(lambda s, t: query_chunk(q[..., s:t, :]), N, chunk, (B, H, N, v.shape[-1]), q, grad)
 
 
 def choose_impl(kernel: str | Kernel, n_queries: int, n_keys: int, d: int, e: int, **params) -> str:
