@@ -190,7 +190,9 @@ def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: flo
     Queries are processed in chunks so the weights of one chunk stay under CHUNK_BYTES.
     """
     if kern.name == "softmax":
-        return F.scaled_dot_product_attention(q, k, v)
+        # Strided views (e.g. LiteMLA's q/k/v slices) make SDPA fall back to its math path,
+        # which materialises the full N×M matrix; contiguous inputs get the fused kernels.
+        return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
     B, H, N, _ = q.shape
     M = k.shape[-2]
     scale = 1.0 if kern.output_scale is None else kern.output_scale(M)

@@ -1,0 +1,1183 @@
+"""``qtvit reproduce kernels|reductions``: the paper's kernel ablations (Tables 2 and 3) on your data.
+
+Each study trains the same model on the same data once per (attention kernel, seed) with the
+project's trainer (:class:`qtvit.train.Trainer`), changing nothing but the kernel, and reports
+per kernel: held-out top-1 (mean ± sample std over the seeds), the paper's ImageNet top-1
+beside it (parsed from :attr:`qtvit.kernels.Kernel.reference`), the model's MACs with that
+kernel and the measured time of one training step.
+
+* ``kernels`` (Table 2): softmax, relu, cosine, mean, sigmoid_softmax, angular, taylor1, qt.
+* ``reductions`` (Table 3): taylor2, taylor2_pool (pool 2, 4), taylor2_chunk (chunks 2, 4, 8),
+  taylor2_random, qt.
+
+Defaults (a CPU budget, both datasets in one command): a 0.3M-parameter EfficientViT-B layout
+(``qtvit_b0`` narrowed, one attention block in stages 3 and 4, every block keeping the builder's
+APE and GELU(BN(v)) shortcut whatever the kernel) at 64 px, on the built-in relational demo
+set (the label compares two distant objects) and on Fashion-MNIST (28 px upsampled to 64),
+:data:`SMALL_RECIPE` and :data:`DATASET_RECIPES`. The same command scales up::
+
+    torchrun --nproc_per_node 8 -m qtvit reproduce kernels --model qtvit_1 --data /data/imagenet \\
+        --epochs 300 --output-dir runs/table2
+
+(a folder dataset uses the model's YAML recipe from ``configs/`` — the paper's — unless
+``--config`` names another).
+
+Outputs in ``--output-dir``: ``reproduce.json`` (settings, environment header, every run,
+summaries; rewritten after each run), ``table.md`` (Markdown for docs/RESULTS.md), ``<study>.png``
+(bars with error bars), and one trainer run folder per (dataset, kernel, seed) holding its
+``result.json``. A finished (dataset, kernel, seed) is never trained again: ``--resume`` skips
+it and continues an interrupted run from its last checkpoint; an existing output folder is
+never reused without ``--resume`` or ``--overwrite``.
+
+The seed is the trainer's ``train.seed``: it fixes the initial weights, the data order and, for
+the demo set, which images are drawn (train and held-out), so one seed is one full replicate
+and every kernel sees the same replicate.
+
+Measurements besides accuracy:
+  * MACs: :func:`qtvit.models.macs.count_macs` of one 1-image forward at the training size, on
+    the meta device (where softmax's fused attention is counted too), once as the model runs
+    (``impl="auto"``: dense weights where N² is cheaper than the feature map, e.g. taylor2 at a
+    few tokens) and once with every linear-capable kernel forced onto its O(N) feature path.
+  * step time: forward + loss + backward + AdamW step on one random batch of the training size
+    and resolution, all kernels timed in interleaved rounds in one process
+    (:func:`qtvit.bench.timing.time_interleaved`), median in ms; the trainer's own throughput
+    (images/s, loader included) is kept per run in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import inspect
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..errors import QtvitError
+from ..kernels import get_kernel
+from . import env as bench_env
+from .approximation import KernelCase, parse_case
+from .attention import write_json
+
+SCHEMA_VERSION = 1
+Echo = Callable[[str], None]
+
+STUDIES: dict[str, dict] = {
+    "kernels": {
+        "table": "Table 2",
+        "title": "attention kernels",
+        "variants": ("softmax", "relu", "cosine", "mean", "sigmoid_softmax", "angular", "taylor1", "qt"),
+    },
+    "reductions": {
+        "table": "Table 3",
+        "title": "reductions of the quadratic Taylor kernel",
+        "variants": ("taylor2", "taylor2_pool:pool=2", "taylor2_pool:pool=4", "taylor2_chunk:chunks=2",
+                     "taylor2_chunk:chunks=4", "taylor2_chunk:chunks=8", "taylor2_random", "qt"),
+    },
+}
+DEFAULT_DATA = ("demo", "fashion-mnist")
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_MODEL = "qtvit_b0"
+FOLDER_MODEL = "qtvit_b1"  # a folder (ImageNet) without --model: the paper's Table 2/3 model and recipe
+# Files of an output folder that --overwrite removes besides the per-dataset run folders.
+OUTPUT_FILES = ("reproduce.json", "table.md", "kernels.png", "reductions.png")
+
+# The CPU recipe shared by the built-in datasets (merged into the trainer's Config defaults).
+SMALL_RECIPE: dict = {
+    "model": {
+        "name": DEFAULT_MODEL,
+        "drop_path_rate": 0.0,  # a few hundred steps do not overfit
+    },
+    "aug": {
+        "multi_res": False,  # one resolution: smaller sizes would leave attention 1–4 tokens
+        "no_aug": True,  # no crops or flips: flipping the demo swaps "left" and "right" (the label)
+        "randaug": False,
+        "mixup_alpha": 0.0,  # mixing two demo scenes makes four objects: the relations become undefined
+        "cutmix_alpha": 0.0,
+        "label_smoothing": 0.1,
+        "bce": True,  # the paper's loss
+    },
+    "optim": {
+        "lr": 2.0e-3,  # fixed, tuned for batch 64 on the demo (the demo recipe's value)
+        "weight_decay": 0.05,
+        "warmup_epochs": 0.1,
+        "clip_grad": 2.0,
+        "clip_mode": "value",
+    },
+    "train": {
+        "epochs": 2,
+        "batch_size": 64,
+        "ema": False,  # an EMA with a warm-up longer than the run would only lag the weights
+        "bn_reestimate": False,  # without EMA the running BN statistics are the trained ones
+        "eval_interval": 2,  # evaluate once, at the end (the last epoch always is)
+    },
+    "data": {
+        "num_workers": 0,  # a loader process would compete for the 2 cores; images are cached/cheap
+    },
+    "run": {
+        "save_best": False,
+        "log_interval": 25,
+    },
+}
+# The narrowed qtvit_b0 of the CPU recipe (only used with the default model).
+SMALL_MODEL_KWARGS: dict = {
+    "widths": [8, 16, 32, 64, 96],  # narrow early stages: at 64 px they cost the most
+    "depths": [1, 1, 1, 1, 1],  # one attention block in stage 3 (4×4 tokens) and stage 4 (2×2)
+    "head_widths": [128, 128],
+}
+SMALL_IMAGE_SIZE = 64  # 4×4 tokens at stride 16: the smallest size where attention has a choice
+# Per built-in dataset: the data section and the step budget of the CPU recipe.
+DATASET_RECIPES: dict[str, dict] = {
+    "demo": {
+        "data": {
+            "dataset": "demo",
+            "demo_train_size": 9_600,  # 150 steps of 64 per epoch; fresh images, rendered once per seed
+            "demo_val_size": 2_000,  # held out, 125 per class
+            "demo_cache": True,
+        },
+        "train": {"max_steps_per_epoch": 150},
+    },
+    "fashion-mnist": {
+        "data": {
+            "dataset": "fashion_mnist",
+            "max_val_images": 2_000,  # the first 2000 of the 10k test images (class-balanced within ±3%)
+        },
+        "train": {"max_steps_per_epoch": 100},  # a random 6400 of the 60k training images per epoch
+    },
+}
+# --quick: a smoke test that exercises everything in seconds.
+QUICK_OVERRIDES: dict = {
+    "train": {"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 2, "eval_interval": 1},
+    "data": {"demo_train_size": 32, "demo_val_size": 32, "max_val_images": 32},
+    "optim": {"warmup_epochs": 0.0},
+    "run": {"log_interval": 1},
+}
+QUICK_IMAGE_SIZE = 32
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset of a study: ``demo``, ``fashion-mnist`` (optionally ``fashion-mnist:DIR``) or a folder."""
+
+    name: str  # demo | fashion-mnist | folder
+    path: str | None = None
+
+    @property
+    def slug(self) -> str:
+        if self.name != "folder":
+            return self.name
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.path).resolve().name) or "data"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.path is None else f"{self.name} ({self.path})"
+
+    @property
+    def builtin(self) -> bool:
+        return self.name in DATASET_RECIPES
+
+
+def parse_dataset(text: str) -> Dataset:
+    """``demo``, ``fashion-mnist``, ``fashion-mnist:/dir/with/idx`` or an image-folder path."""
+    text = text.strip()
+    name, sep, path = text.partition(":")
+    key = name.replace("_", "-").lower()
+    if key == "demo" and not sep:
+        return Dataset("demo")
+    if key == "fashion-mnist":
+        return Dataset("fashion-mnist", path or None)
+    if not Path(text).exists():
+        raise FileNotFoundError(f"--data {text!r}: neither demo, fashion-mnist[:DIR] nor an existing folder")
+    if not Path(text).is_dir():
+        raise NotADirectoryError(f"--data {text!r} is not a folder (expected class folders, or train/ and "
+                                 "val/)")
+    return Dataset("folder", text)
+
+
+@dataclass(frozen=True)
+class ReproConfig:
+    """Settings of one ``qtvit reproduce`` invocation (the CLI flags map onto these fields).
+
+    ``None`` means "the recipe's value": the CPU recipe for the built-in datasets, the model's
+    YAML recipe (or ``config``) for a folder.
+    """
+
+    study: str = "kernels"
+    variants: tuple[KernelCase, ...] | None = None  # None: the study's defaults
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    datasets: tuple[Dataset, ...] = (Dataset("demo"), Dataset("fashion-mnist"))
+    model: str | None = None
+    config: str | None = None  # YAML recipe for folder data (default: the model's, if any)
+    epochs: int | None = None
+    steps: int | None = None  # cap on steps per epoch
+    img_size: int | None = None
+    batch_size: int | None = None
+    val_images: int | None = None
+    ape: bool | None = None
+    shortcut: bool | None = None
+    overrides: tuple[str, ...] = ()  # trainer config overrides section.key=value, applied last
+    quick: bool = False
+    output_dir: str | None = None  # None: reproduce-<study>
+    device: str = "auto"
+    threads: int | None = None  # None: 1 for the CPU recipe on a CPU (see resolve_threads), else torch's
+    timing: bool = True
+    timing_repeats: int = 5
+    keep_checkpoints: bool = False
+    progress: bool = True
+
+    def variant_list(self) -> list[KernelCase]:
+        if self.variants is not None:
+            return list(self.variants)
+        return [parse_case(v) for v in STUDIES[self.study]["variants"]]
+
+    def out_dir(self) -> Path:
+        return Path(self.output_dir or f"reproduce-{self.study}")
+
+    def fingerprint(self) -> dict:
+        """The settings that change results: a resumed study must match them."""
+        keys = ("model", "config", "epochs", "steps", "img_size", "batch_size", "val_images", "ape",
+                "shortcut", "overrides", "quick")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k in keys}
+
+    def validate(self) -> None:
+        """Raise QtvitError naming the first bad setting (unknown kernels list the valid ones)."""
+        if self.study not in STUDIES:
+            raise QtvitError(f"unknown study {self.study!r}; valid: {', '.join(STUDIES)}")
+        variants = self.variant_list()
+        if not variants:
+            raise QtvitError("no kernels to compare")
+        labels = [v.label for v in variants]
+        if len(set(labels)) != len(labels):
+            raise QtvitError(f"a kernel is listed twice: {', '.join(labels)}")
+        if not self.seeds:
+            raise QtvitError("no seeds")
+        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise QtvitError(f"seeds must be distinct non-negative integers; got {list(self.seeds)}")
+        if not self.datasets:
+            raise QtvitError("no datasets")
+        if len({d.slug for d in self.datasets}) != len(self.datasets):
+            raise QtvitError(f"two datasets share a name: {', '.join(d.label for d in self.datasets)}")
+        for name in ("epochs", "steps", "img_size", "batch_size", "val_images", "timing_repeats", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise QtvitError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+        if self.img_size is not None and self.img_size < 16:
+            raise QtvitError(f"--img-size must be at least 16 pixels; got {self.img_size}")
+
+
+QUICK = ReproConfig(quick=True, timing_repeats=1)
+
+
+def resolve_threads(rc: ReproConfig, device: torch.device) -> int | None:
+    """Intra-op threads to run with: ``rc.threads``, else 1 when the CPU recipe trains on a CPU.
+
+    Why 1: the recipe's model is small (≈0.1 s per step of 64 images on one core), so a second
+    thread gains little, and when anything else runs on the machine OpenMP's threads wait for
+    each other: measured here with a busy second core, 0.1 s per step on 1 thread against
+    0.5–5 s on 2. None leaves torch's default.
+    """
+    if rc.threads is not None:
+        return rc.threads
+    recipe = rc.config is None and all(d.builtin for d in rc.datasets)
+    return 1 if recipe and device.type == "cpu" else None
+
+
+def command_line(rc: ReproConfig) -> str:
+    """The ``qtvit reproduce`` command that regenerates ``rc`` (flags that differ from the defaults)."""
+    default = QUICK if rc.quick else ReproConfig()
+    parts = ["qtvit", "reproduce", rc.study]
+    if rc.variants is not None and [v.label for v in rc.variant_list()] != [
+            parse_case(v).label for v in STUDIES[rc.study]["variants"]]:
+        parts.append("--kernels " + ",".join(_case_text(v) for v in rc.variants))
+    if rc.seeds != default.seeds:
+        parts.append("--seeds " + ",".join(map(str, rc.seeds)))
+    if rc.datasets != default.datasets:
+        parts.append("--data " + ",".join(d.path if d.name == "folder" else
+                                          d.name + (f":{d.path}" if d.path else "") for d in rc.datasets))
+    for name in ("model", "config", "epochs", "steps", "img_size", "batch_size", "val_images", "threads"):
+        if getattr(rc, name) is not None:
+            parts.append(f"--{name.replace('_', '-')} {getattr(rc, name)}")
+    for name in ("ape", "shortcut"):
+        if getattr(rc, name) is not None:
+            parts.append(f"--{'' if getattr(rc, name) else 'no-'}{name}")
+    if rc.device != "auto":
+        parts.append(f"--device {rc.device}")
+    if rc.quick:
+        parts.append("--quick")
+    if rc.output_dir is not None:
+        parts.append(f"--output-dir {rc.output_dir}")
+    parts += list(rc.overrides)
+    return " ".join(parts)
+
+
+def _case_text(case: KernelCase) -> str:
+    return case.kernel + (":" + ";".join(f"{k}={v}" for k, v in case.params.items()) if case.params else "")
+
+
+# ------------------------------------------------------------------------------ paper numbers
+
+
+def paper_top1(case: KernelCase) -> float | None:
+    """The paper's ImageNet top-1 for ``case``, read from its kernel's ``reference`` text.
+
+    The text holds one number (``"79.4 (Table 2)"``) or one per setting of a parameter
+    (``"79.3 (pool 2) / 79.1 (pool 4) (Table 3)"``, ``"79.4 / 79.3 / 79.1 (chunks 2 / 4 / 8)"``);
+    a setting the paper did not report gives None.
+    """
+    kern = get_kernel(case.kernel)
+    text = kern.reference or ""
+    numbers = [float(x) for x in re.findall(r"(?<![\w.])(\d{2,3}\.\d+)", text)]
+    if len(numbers) <= 1:
+        return numbers[0] if numbers else None
+    groups = [(n, g) for n, g in re.findall(r"\((\w+) ([\d /]+)\)", text) if n.lower() != "table"]
+    names = {n for n, _ in groups}
+    values = [int(v) for _, g in groups for v in g.split("/") if v.strip()]
+    if len(names) != 1 or len(values) != len(numbers):
+        return None
+    value = kern.resolve_params(case.params).get(names.pop())
+    return numbers[values.index(value)] if value in values else None
+
+
+# ------------------------------------------------------------------------------ trainer configs
+
+
+@functools.lru_cache(maxsize=16)
+def _takes_kernel_params_dict(model: str) -> bool:
+    """Whether ``model``'s class takes the kernel's parameters as one ``kernel_params`` dict
+    (EfficientViT) rather than as keyword arguments (the plain ViT)."""
+    from ..models import create_model
+
+    with torch.device("meta"):
+        net = create_model(model, num_classes=2)
+    param = inspect.signature(type(net).__init__).parameters.get("kernel_params")
+    return param is not None and param.kind is not inspect.Parameter.VAR_KEYWORD
+
+
+def _recipe_for(model: str | None) -> str | None:
+    """The YAML recipe named after ``model`` or its paper alias (``qtvit_b1`` → ``qtvit_1``), if any."""
+    from ..models import resolve_model_name
+    from ..models.registry import _ALIASES
+    from ..train.config import find_config
+
+    if model is None:
+        return None
+    canonical = resolve_model_name(model)
+    for name in (model, canonical, *[a for a, c in _ALIASES.items() if c == canonical]):
+        try:
+            return str(find_config(name))
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def base_config(rc: ReproConfig, dataset: Dataset):
+    """The trainer :class:`~qtvit.train.Config` for ``dataset`` before the kernel and seed are set.
+
+    Built-in datasets: Config defaults ← :data:`SMALL_RECIPE` ← the dataset's recipe ← ``--quick``
+    ← flags ← overrides. Folders: the ``--config`` recipe (else the model's YAML recipe, else the
+    defaults, which are the paper's recipe for QT-ViT-1) ← flags ← overrides.
+    """
+    from ..train.config import Config, load_config, merge_dict, parse_override, validate
+    from ..train.config import _set as set_key
+
+    if dataset.builtin and rc.config is None:
+        cfg = Config()
+        merge_dict(cfg, copy.deepcopy(SMALL_RECIPE), "reproduce CPU recipe")
+        merge_dict(cfg, copy.deepcopy(DATASET_RECIPES[dataset.name]), f"reproduce {dataset.name} recipe")
+        if rc.quick:
+            merge_dict(cfg, copy.deepcopy(QUICK_OVERRIDES), "--quick")
+        model = rc.model or DEFAULT_MODEL
+        kwargs = dict(SMALL_MODEL_KWARGS) if model == DEFAULT_MODEL else {}
+        size = rc.img_size or (QUICK_IMAGE_SIZE if rc.quick else SMALL_IMAGE_SIZE)
+        kwargs["img_size"] = size
+        merge_dict(cfg, {"model": {"name": model, "kwargs": kwargs}, "aug": {"train_sizes": [size]},
+                         "data": {"demo_image_size": size}}, "reproduce")
+    else:
+        recipe = rc.config or _recipe_for(rc.model or FOLDER_MODEL)
+        cfg = load_config(recipe)
+        if rc.model:
+            cfg.model.name = rc.model
+        if rc.img_size:
+            merge_dict(cfg, {"model": {"kwargs": {**cfg.model.kwargs, "img_size": rc.img_size}},
+                             "aug": {"multi_res": False, "train_sizes": [rc.img_size]},
+                             "data": {"demo_image_size": rc.img_size}}, "--img-size")
+    if dataset.name == "folder":
+        merge_dict(cfg, {"data": {"dataset": "folder", "path": dataset.path}}, "--data")
+    elif dataset.name == "fashion-mnist":
+        merge_dict(cfg, {"data": {"dataset": "fashion_mnist", "path": dataset.path}}, "--data")
+    else:
+        merge_dict(cfg, {"data": {"dataset": "demo"}}, "--data")
+    flags = {"train": {"epochs": rc.epochs, "batch_size": rc.batch_size, "max_steps_per_epoch": rc.steps,
+                       "device": rc.device},
+             "data": {"max_val_images": rc.val_images},
+             "model": {"ape": rc.ape, "shortcut": rc.shortcut}}
+    for section, values in flags.items():
+        for key, value in values.items():
+            if value is not None:
+                set_key(cfg, section, key, value, f"--{key}")
+    if rc.epochs is not None and cfg.train.eval_interval > rc.epochs:
+        cfg.train.eval_interval = rc.epochs
+    if cfg.optim.warmup_epochs >= cfg.train.epochs:  # e.g. --epochs 1 with the paper's 20 warm-up epochs
+        cfg.optim.warmup_epochs = 0.1 * cfg.train.epochs
+    for text in rc.overrides:
+        section, key, value = parse_override(text)
+        set_key(cfg, section, key, value, f"override {text!r}")
+    cfg.run.progress = rc.progress and sys.stderr.isatty()
+    validate(cfg)
+    return cfg
+
+
+def variant_config(base, case: KernelCase, seed: int, run_dir: Path):
+    """``base`` with the kernel (and its parameters, as the model family takes them), seed and run folder."""
+    from ..train.config import config_from_dict
+
+    cfg = config_from_dict(base.to_dict())
+    cfg.model.kernel = case.kernel
+    if case.params:
+        kwargs = dict(cfg.model.kwargs)
+        if _takes_kernel_params_dict(cfg.model.name):
+            kwargs["kernel_params"] = {**kwargs.get("kernel_params", {}), **case.params}
+        else:
+            kwargs.update(case.params)
+        cfg.model.kwargs = kwargs
+    cfg.train.seed = seed
+    cfg.run.output = str(run_dir)
+    return cfg
+
+
+def case_slug(case: KernelCase) -> str:
+    """A folder name for ``case``: ``taylor2_pool(pool=4)`` → ``taylor2_pool-pool4``."""
+    return re.sub(r"[^A-Za-z0-9_]+", "", case.label.replace("(", "-").replace(", ", "-").replace("=", ""))
+
+
+# ------------------------------------------------------------------------------ measurements
+
+
+def model_facts(cfg, num_classes: int) -> dict:
+    """Parameters and MACs (as run; linear paths forced) of ``cfg.model`` at the training size."""
+    from ..models.macs import count_macs
+    from ..train.evaluate import build_model
+
+    size = _train_size(cfg)
+    with torch.device("meta"):
+        net = build_model(cfg.model, num_classes)
+    facts = {"params": sum(p.numel() for p in net.parameters()), "size": size}
+    facts["macs"] = count_macs(net, (1, 3, size, size))
+    forced = 0
+    for module in net.modules():
+        kernel = getattr(module, "kernel", None)
+        if isinstance(kernel, str) and hasattr(module, "impl") and get_kernel(kernel).has_linear:
+            module.impl, forced = "linear", forced + 1
+    facts["macs_linear"] = count_macs(net, (1, 3, size, size)) if forced else None
+    return facts
+
+
+def _train_size(cfg) -> int:
+    """The resolution training runs at (single-resolution) or is evaluated at (multi-resolution)."""
+    if cfg.train.eval_size:
+        return int(cfg.train.eval_size)
+    size = cfg.model.kwargs.get("img_size")
+    if size is None:
+        from ..models import get_model_card
+
+        size = get_model_card(cfg.model.name).pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    size = size if isinstance(size, int) else max(size)
+    return int(max(cfg.aug.train_sizes) if cfg.aug.multi_res else size)
+
+
+def time_train_steps(cfgs: dict[str, object], num_classes: int, device: torch.device, repeats: int = 5,
+                     echo: Echo | None = None) -> dict[str, dict]:
+    """Median time of one training step per variant, timed in interleaved rounds.
+
+    A step is forward + loss (BCE or cross-entropy, as configured) + backward + AdamW step on one
+    random batch of ``train.batch_size`` images at the training size, under the configured AMP.
+
+    Returns:
+        label → :meth:`qtvit.bench.timing.Samples.stats` (``median_ms`` ...), or ``{"error": text}``.
+    """
+    import torch.nn.functional as F
+
+    from ..train.evaluate import autocast, build_model
+    from ..train.trainer import AMP_DTYPES
+    from .timing import time_interleaved
+
+    fns: dict[str, Callable[[], None]] = {}
+    errors: dict[str, str] = {}
+    gen = torch.Generator().manual_seed(0)
+    for label, cfg in cfgs.items():
+        size, batch = _train_size(cfg), cfg.train.batch_size
+        try:
+            torch.manual_seed(0)
+            net = build_model(cfg.model, num_classes).to(device).train()
+        except (ValueError, TypeError, RuntimeError, QtvitError) as err:
+            errors[label] = str(err).splitlines()[0]
+            continue
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+        x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+        y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+        target = F.one_hot(y, num_classes).float() if cfg.aug.bce else y
+        loss_fn = F.binary_cross_entropy_with_logits if cfg.aug.bce else F.cross_entropy
+        amp = AMP_DTYPES[cfg.train.amp]
+
+        def step(net=net, opt=opt, x=x, target=target, loss_fn=loss_fn, amp=amp) -> None:
+            with autocast(device, amp):
+                loss = loss_fn(net(x).float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        fns[label] = step
+    timed = time_interleaved(fns, device=device, warmup=2, repeats=repeats, min_repeats=min(3, repeats),
+                             min_sample_seconds=0.0, variant_seconds=1e9,  # always `repeats` samples
+                             on_progress=(lambda s: echo(f"  timing training steps: {s}")) if echo else None)
+    out = {label: {"error": text} for label, text in errors.items()}
+    out.update({label: {"error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
+                for label, err in timed.errors.items()})
+    out.update({label: samples.stats() for label, samples in timed.samples.items()})
+    return out
+
+
+def _throughput(run_dir: Path) -> float | None:
+    """Median training images/s the trainer logged in ``run_dir`` (first record dropped: warm-up)."""
+    from ..train.metrics import read_metrics
+
+    rates = [r["images_per_s"] for r in read_metrics(run_dir, "step")
+             if isinstance(r.get("images_per_s"), float)]
+    rates = rates[1:] or rates
+    return statistics.median(rates) if rates else None
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+
+_DATASET_CACHE: dict[tuple, tuple] = {}
+
+
+def _trainer_class():
+    """The project's Trainer with two overrides (the trainer has no public hook for either):
+
+    * the built-in datasets are shared between the runs of one seed: ``RelationalShapes(cache=True)``
+      renders each image once per *object*, and every run of a seed (one per kernel) reads the
+      same images, so keeping the objects skips re-rendering (~0.7 ms per 64-px image);
+      Fashion-MNIST is read once instead of per run. The key holds everything the datasets
+      depend on; only the last key is kept (runs are ordered seed-major);
+    * with ``aug.no_aug`` (the CPU recipe: training images are only resized) evaluation does not
+      crop either (``crop_pct`` 1.0). Without it a model whose card says 0.875 (the plain ViTs)
+      would be evaluated zoomed in, which on the demo set changes "near"/"far", i.e. the label.
+    """
+    from ..train.trainer import Trainer
+
+    class ReproTrainer(Trainer):
+        def _build_model(self) -> None:
+            super()._build_model()
+            cfg = getattr(self.model, "pretrained_cfg", None)
+            if self.cfg.aug.no_aug and isinstance(cfg, dict) and cfg.get("crop_pct", 1.0) != 1.0:
+                self.model.pretrained_cfg = {**cfg, "crop_pct": 1.0}
+
+        def _load_datasets(self):
+            d, t = self.cfg.data, self.cfg.train
+            if d.dataset not in ("demo", "fashion_mnist"):
+                return super()._load_datasets()
+            key = (d.dataset, d.path, t.seed, d.demo_image_size, d.demo_train_size, d.demo_val_size,
+                   d.demo_cache)
+            if key not in _DATASET_CACHE:
+                _DATASET_CACHE.clear()
+                _DATASET_CACHE[key] = (*super()._load_datasets(), self.classes)
+            train, val, self.classes = _DATASET_CACHE[key]
+            return train, val
+
+    return ReproTrainer
+
+
+def clear_dataset_cache() -> None:
+    """Drop the datasets kept between runs (tests, or to free memory)."""
+    _DATASET_CACHE.clear()
+
+
+# ------------------------------------------------------------------------------ output folder
+
+
+def prepare_output(rc: ReproConfig, resume: bool, overwrite: bool) -> dict | None:
+    """Check ``rc.out_dir()``: fresh, resumed (settings must match) or overwritten, never silently reused.
+
+    Returns the previous ``reproduce.json`` when resuming, else None.
+    """
+    out = rc.out_dir()
+    doc_path = out / "reproduce.json"
+    if resume and overwrite:
+        raise QtvitError("--resume and --overwrite contradict each other; pass one")
+    if out.exists() and not out.is_dir():
+        raise QtvitError(f"output path exists and is not a folder: {out}")
+    previous = None
+    if doc_path.is_file():
+        try:
+            previous = json.loads(doc_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise QtvitError(f"{doc_path} is not valid JSON ({err}); move it away or choose another "
+                             "--output-dir") from None
+    if resume:
+        if previous is None:
+            raise FileNotFoundError(f"nothing to resume: {doc_path} does not exist")
+        if previous.get("study") != rc.study:
+            raise QtvitError(f"{out} holds a '{previous.get('study')}' study, not '{rc.study}'")
+        old = previous.get("settings", {}).get("fingerprint", {})
+        new = rc.fingerprint()
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if differ:
+            detail = "; ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in differ)
+            raise QtvitError(f"--resume with other settings than {out} was started with ({detail}); "
+                             "resume with the same flags or choose another --output-dir")
+        return previous
+    if out.is_dir() and any(out.iterdir()):
+        if previous is None:
+            raise QtvitError(f"output folder {out} exists and is not a qtvit reproduce folder; choose "
+                             "another --output-dir")
+        if not overwrite:
+            raise QtvitError(f"output folder {out} already holds results; pass --resume to continue it, "
+                             "--overwrite to start over, or choose another --output-dir")
+        slugs = {d.get("slug") for d in previous.get("datasets", [])} | {d.slug for d in rc.datasets}
+        for slug in filter(None, slugs):
+            if (out / slug).is_dir():
+                shutil.rmtree(out / slug)
+        for name in OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ summaries
+
+
+def summarize(runs: Sequence[dict]) -> dict:
+    """Mean and sample standard deviation (n−1) of top-1 over finished runs; std None for one run."""
+    top1 = [r["top1"] for r in runs if r.get("top1") is not None]
+    if not top1:
+        return {"n": 0, "top1_mean": None, "top1_std": None, "top1_min": None, "top1_max": None}
+    return {"n": len(top1), "top1_mean": statistics.fmean(top1),
+            "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
+            "top1_min": min(top1), "top1_max": max(top1)}
+
+
+def _fmt_pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def _fmt_macs(macs: int | None) -> str:
+    if macs is None:
+        return "–"
+    return f"{macs / 1e9:.2f}G" if macs >= 1e9 else f"{macs / 1e6:.1f}M"
+
+
+def _fmt_ms(stats: dict | None) -> str:
+    if not stats or stats.get("median_ms") is None:
+        return "–"
+    ms = stats["median_ms"]
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}"
+
+
+def _dataset_setup(entry: dict) -> str:
+    s = entry.get("setup", {})
+    steps = s.get("steps_per_epoch")
+    budget = f"{s.get('epochs')} epoch(s) × {steps} steps" if steps else f"{s.get('epochs')} epoch(s)"
+    return (f"{s.get('model')} ({_fmt_params(s.get('params'))} params), {s.get('size')} px, {budget} of "
+            f"batch {s.get('batch_size')}, lr {s.get('lr')}, held-out {s.get('val_images')} images, "
+            f"{s.get('classes')} classes (chance {100 / s['classes']:.1f}%)" if s.get("classes") else "")
+
+
+def _fmt_params(n: int | None) -> str:
+    return "?" if n is None else (f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.0f}k")
+
+
+def format_markdown(doc: dict) -> str:
+    """The study as Markdown: a heading, the regenerating command, one table per dataset, notes."""
+    study = STUDIES[doc["study"]]
+    lines = [f"### {study['table']}: {study['title']} (measured here)", "",
+             f"Regenerate: `{doc['command']}`", "",
+             f"Environment: {doc['env'].get('cpu_model')} ({doc['env'].get('cpu_usable')} CPUs usable), "
+             f"device {doc['env'].get('device')}, torch {doc['env'].get('torch')}, "
+             f"{doc['env'].get('threads')} thread(s); wall time {_fmt_duration(doc.get('wall_seconds'))}"
+             f"{'' if doc.get('complete') else ' (incomplete)'}"
+             + "".join(f"; {'run' if i == 0 else 'resumed'} {inv['started']}, load at start "
+                       f"{bench_env.format_load(inv.get('load_start') or {})}, at end "
+                       f"{bench_env.format_load(inv.get('load_end') or {})}"
+                       for i, inv in enumerate(doc.get("invocations", []))) + ".", ""]
+    for entry in doc["datasets"]:
+        lines += [f"**{entry['label']}** — {_dataset_setup(entry)}", "",
+                  "| kernel | top-1 % (ours, mean ± std) | seeds | paper ImageNet top-1 % | MACs (as run) | "
+                  "MACs (linear path) | train step (ms) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for v in entry["variants"]:
+            paper = "–" if v["paper_top1"] is None else f"{v['paper_top1']:.1f}"
+            lines.append(f"| {v['label']} | {_fmt_pm(v['top1_mean'], v['top1_std'])} | {v['n']} | {paper} | "
+                         f"{_fmt_macs(v.get('macs'))} | {_fmt_macs(v.get('macs_linear'))} | "
+                         f"{_fmt_ms(v.get('step'))} |")
+        lines.append("")
+    lines += ["Top-1: held-out accuracy after the same training budget per kernel, mean ± sample std over "
+              "the seeds (each seed fixes the initial weights, data order and, for the demo set, the "
+              "images). "
+              "Paper: ImageNet-1k top-1 of EfficientViT-B1-sized models, 300 epochs (a different scale: "
+              "compare orderings, not values). MACs: one image at the training size; *as run* lets "
+              "`impl=auto` pick dense weights where N² is cheaper, *linear path* forces the O(N) feature "
+              "map. Train step: median of interleaved timings of forward + loss + backward + AdamW on one "
+              "batch.", ""]
+    return "\n".join(lines)
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {sec:02d} s" if minutes else f"{sec} s"
+
+
+def format_text(doc: dict) -> list[str]:
+    """A compact console table per dataset."""
+    lines = []
+    for entry in doc["datasets"]:
+        lines.append(f"{entry['label']}: {_dataset_setup(entry)}")
+        width = max([len(v["label"]) for v in entry["variants"]] + [6])
+        lines.append(f"  {'kernel':<{width}} {'top-1 % (mean ± std)':>21} {'n':>2} {'paper':>6} {'MACs':>8} "
+                     f"{'linear':>8} {'step ms':>8}")
+        for v in entry["variants"]:
+            paper = "–" if v["paper_top1"] is None else f"{v['paper_top1']:.1f}"
+            lines.append(f"  {v['label']:<{width}} {_fmt_pm(v['top1_mean'], v['top1_std']):>21} {v['n']:>2} "
+                         f"{paper:>6} {_fmt_macs(v.get('macs')):>8} {_fmt_macs(v.get('macs_linear')):>8} "
+                         f"{_fmt_ms(v.get('step')):>8}")
+    return lines
+
+
+def plot_study(doc: dict, path: str | Path) -> Path:
+    """Bars of our top-1 (mean, error bar = std, dots = seeds) per kernel, one panel per dataset,
+    with the paper's ImageNet top-1 as diamonds on a right-hand axis."""
+    from .plots import _pyplot, _save
+
+    plt = _pyplot()
+    entries = doc["datasets"]
+    n_var = max(len(e["variants"]) for e in entries)
+    fig, axes = plt.subplots(1, len(entries), figsize=(max(6.0, 0.9 * n_var + 2) * len(entries), 4.8),
+                             squeeze=False)
+    for ax, entry in zip(axes[0], entries, strict=True):
+        variants = entry["variants"]
+        xs = list(range(len(variants)))
+        means = [v["top1_mean"] if v["top1_mean"] is not None else 0.0 for v in variants]
+        stds = [v["top1_std"] or 0.0 for v in variants]
+        colours = ["tab:red" if v["kernel"] == "qt" else "tab:blue" for v in variants]
+        ax.bar(xs, means, yerr=stds, capsize=4, color=colours, alpha=0.75, label="ours: mean ± std")
+        for x, v in zip(xs, variants, strict=True):
+            seeds = [r["top1"] for r in v["runs"] if r.get("top1") is not None]
+            ax.plot([x] * len(seeds), seeds, "k.", markersize=4)
+        seen = [r["top1"] for v in variants for r in v["runs"] if r.get("top1") is not None]
+        ax.set_ylim(0.0, min(100.0, max(seen, default=10.0) * 1.1 + 2.0))  # bars start at 0: no false gaps
+        classes = entry.get("setup", {}).get("classes")
+        if classes:
+            ax.axhline(100.0 / classes, color="gray", linestyle="--", linewidth=1, label="chance")
+        ax.set_xticks(xs, [v["label"] for v in variants], rotation=35, ha="right")
+        ax.set_ylabel("held-out top-1 % (ours)")
+        ax.set_title(f"{entry['label']}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        paper = [(x, v["paper_top1"]) for x, v in zip(xs, variants, strict=True)
+                 if v["paper_top1"] is not None]
+        if paper:
+            twin = ax.twinx()
+            twin.plot([p[0] for p in paper], [p[1] for p in paper], "kD", markersize=6,
+                      label="paper (ImageNet)")
+            twin.set_ylabel("paper ImageNet top-1 %")
+            values = [p[1] for p in paper]
+            twin.set_ylim(min(values) - 1.0, max(values) + 1.0)
+            handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+            ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left", ncol=3,
+                      framealpha=0.9)
+        else:
+            ax.legend(fontsize=7, loc="upper left", ncol=2, framealpha=0.9)
+    study = STUDIES[doc["study"]]
+    fig.suptitle(f"{study['table']}: {study['title']}, same model and budget per kernel")
+    fig.tight_layout()
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------ the study
+
+
+class Study:
+    """Runs one study; :meth:`run` trains what is missing and keeps the outputs current."""
+
+    def __init__(self, rc: ReproConfig, echo: Echo = print, resume: bool = False, overwrite: bool = False,
+                 command: str | None = None) -> None:
+        from ..train import distributed as du
+
+        rc.validate()
+        self.rc, self.echo, self.out = rc, echo, rc.out_dir()
+        self.info = du.setup(rc.device)
+        self.main = self.info.is_main
+        if not self.main:  # one voice under torchrun
+            self.echo = lambda _text: None
+        # Everything that can fail on a bad setting fails here, before the output folder is touched.
+        self.variants = rc.variant_list()
+        self.bases = {d.slug: base_config(rc, d) for d in rc.datasets}
+        self.probes = {d.slug: _probe_dataset(d, self.bases[d.slug]) for d in rc.datasets}
+        self.facts = {d.slug: self._model_facts(d) for d in rc.datasets}
+        error, previous = None, None
+        if self.main:
+            try:
+                previous = prepare_output(rc, resume, overwrite)
+            except (QtvitError, OSError) as err:
+                error = err
+        error = du.broadcast_object(error, self.info)
+        if error is not None:
+            raise error
+        command = command or command_line(rc)
+        self.previous_threads = torch.get_num_threads()
+        threads = resolve_threads(rc, self.info.device)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.doc = {
+            "benchmark": "reproduce", "study": rc.study, "schema_version": SCHEMA_VERSION,
+            "table": STUDIES[rc.study]["table"], "command": command,
+            "env": bench_env.collect_environment(self.info.device, torch.float32),
+            "settings": {"fingerprint": rc.fingerprint(), "variants": [v.label for v in self.variants],
+                         "seeds": list(rc.seeds), "datasets": [d.label for d in rc.datasets]},
+            "invocations": [*_previous_invocations(previous),
+                            {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0,
+                             "load_start": bench_env.machine_load(), "load_end": None}],
+            "wall_seconds": 0.0, "complete": False,
+            "datasets": [self._dataset_entry(d, previous) for d in rc.datasets],
+        }
+        self.start = time.perf_counter()
+        self.previous_seconds = float((previous or {}).get("wall_seconds") or 0.0)
+
+    def _dataset_entry(self, dataset: Dataset, previous: dict | None) -> dict:
+        old = next((e for e in (previous or {}).get("datasets", []) if e.get("slug") == dataset.slug), {})
+        old_variants = {v["label"]: v for v in old.get("variants", [])}
+        cfg = self.bases[dataset.slug]
+        t = cfg.train
+        classes, n_val = self.probes[dataset.slug]
+        facts = self.facts[dataset.slug]
+        entry = {"slug": dataset.slug, "label": dataset.label, "dataset": dataset.name, "path": dataset.path,
+                 "config": cfg.to_dict(),
+                 "setup": {"model": cfg.model.name, "params": facts[self.variants[0].label]["params"],
+                           "size": _train_size(cfg), "epochs": t.epochs,
+                           "steps_per_epoch": _steps_per_epoch(cfg, dataset, self.info.world_size),
+                           "batch_size": t.batch_size * self.info.world_size * t.accum_steps,
+                           "lr": cfg.optim.lr, "classes": classes, "val_images": n_val}}
+        entry["variants"] = []
+        for case in self.variants:
+            f = facts[case.label]
+            entry["variants"].append({
+                "label": case.label, "kernel": case.kernel, "params": dict(case.params),
+                "paper_top1": paper_top1(case), "paper_reference": get_kernel(case.kernel).reference,
+                "slug": case_slug(case), "macs": f["macs"], "macs_linear": f["macs_linear"],
+                "params_count": f["params"], "step": old_variants.get(case.label, {}).get("step"),
+                "runs": [], **summarize([])})
+        return entry
+
+    def _model_facts(self, dataset: Dataset) -> dict[str, dict]:
+        """Parameters and MACs per kernel (a kernel the model cannot take fails here, by name)."""
+        base, (classes, _) = self.bases[dataset.slug], self.probes[dataset.slug]
+        out = {}
+        for case in self.variants:
+            try:
+                out[case.label] = model_facts(variant_config(base, case, 0, self.out), classes)
+            except (ValueError, TypeError, RuntimeError, QtvitError) as err:
+                raise QtvitError(f"kernel {case.label} does not work in model {base.model.name}: "
+                                 f"{str(err).splitlines()[0]}") from None
+        return out
+
+    # -------------------------------------------------------------------------------- running
+    def run(self) -> int:
+        """Train every missing (dataset, kernel, seed); 0 when complete, 128+signal if interrupted."""
+        rc = self.rc
+        total = len(rc.datasets) * len(rc.seeds) * len(self.variants)
+        done_here: list[float] = []
+        index = 0
+        self.echo(f"qtvit reproduce {rc.study}: {len(self.variants)} kernels × {len(rc.seeds)} seeds × "
+                  f"{len(rc.datasets)} dataset(s) = {total} runs → {self.out}")
+        for dataset, entry in zip(rc.datasets, self.doc["datasets"], strict=True):
+            for seed in rc.seeds:
+                for case, v in zip(self.variants, entry["variants"], strict=True):
+                    index += 1
+                    run_dir = self.out / dataset.slug / v["slug"] / f"seed{seed}"
+                    where = f"[{index}/{total}] {dataset.slug} · {case.label} · seed {seed}"
+                    result = self._finished(run_dir)
+                    if result is None:
+                        cfg = variant_config(self.bases[dataset.slug], case, seed, run_dir)
+                        if v.get("step") is None:
+                            self._time_steps(dataset, entry)
+                        eta = ""
+                        if done_here:
+                            left = statistics.fmean(done_here) * (total - index + 1)
+                            eta = f" (about {_fmt_duration(left)} left)"
+                        self.echo(f"{where}: training{eta}")
+                        tick = time.perf_counter()
+                        result, fit = self._train(cfg, run_dir)
+                        if result is None:
+                            self._save()
+                            why = "paused (train.epochs_per_run)" if fit.status == "paused" else "interrupted"
+                            self.echo(f"{why}; finished runs are kept in {self.out}. Continue with: "
+                                      f"{self.doc['command']} --resume"
+                                      + ("" if self.rc.output_dir else f" --output-dir {self.out}"))
+                            return 0 if fit.status == "paused" else 128 + (fit.signal or 2)
+                        done_here.append(time.perf_counter() - tick)
+                        self.echo(f"{where}: top-1 {result['top1']:.2f}% in {result['seconds']:.0f} s")
+                    else:
+                        self.echo(f"{where}: done before, top-1 {result['top1']:.2f}%")
+                    v["runs"] = [r for r in v["runs"] if r["seed"] != seed] + [result]
+                    v.update(summarize(v["runs"]))
+                    self._save()
+            if any(v.get("step") is None for v in entry["variants"]):
+                self._time_steps(dataset, entry)
+        self.doc["complete"] = True
+        self._save(final=True)
+        for line in format_text(self.doc):
+            self.echo(line)
+        self.echo(f"wrote {self.out / 'reproduce.json'}, {self.out / 'table.md'}, "
+                  f"{self.out / (self.rc.study + '.png')}")
+        return 0
+
+    def _finished(self, run_dir: Path) -> dict | None:
+        from ..train import distributed as du
+
+        result = None
+        if self.main and (run_dir / "result.json").is_file():
+            result = json.loads((run_dir / "result.json").read_text())
+        return du.broadcast_object(result, self.info)
+
+    def _train(self, cfg, run_dir: Path):
+        """Train one (kernel, seed), resuming its checkpoint if an earlier invocation was interrupted."""
+        resume = (run_dir / "last.pt").is_file()
+        overwrite = not resume and run_dir.is_dir() and any(run_dir.iterdir())
+        trainer = _trainer_class()(cfg, run_dir, resume=resume, overwrite=overwrite)
+        tick = time.perf_counter()
+        fit = trainer.fit()
+        if fit.status != "done":
+            return None, fit
+        m = fit.metrics
+        result = {"seed": cfg.train.seed, "top1": m.get("top1"), "top5": m.get("top5"), "loss": m.get("loss"),
+                  "val_images": m.get("images"), "epochs": fit.epoch, "steps": fit.global_step,
+                  "seconds": round(time.perf_counter() - tick, 2), "resumed": resume,
+                  "images_per_s": _throughput(run_dir), "run_dir": str(run_dir)}
+        if self.main:
+            _write_text_atomic(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
+            if not self.rc.keep_checkpoints:
+                for name in ("last.pt", "best.pt"):
+                    (run_dir / name).unlink(missing_ok=True)
+        return result, fit
+
+    def _time_steps(self, dataset: Dataset, entry: dict) -> None:
+        """Training-step time of every kernel (interleaved), or a note that --no-timing skipped it."""
+        if not self.rc.timing:
+            for v in entry["variants"]:
+                v["step"] = {"skipped": "--no-timing"}
+            return
+        base = self.bases[dataset.slug]
+        cfgs = {case.label: variant_config(base, case, 0, self.out) for case in self.variants}
+        self.echo(f"{dataset.slug}: timing one training step per kernel (batch {base.train.batch_size}, "
+                  f"{_train_size(base)} px)")
+        steps = time_train_steps(cfgs, entry["setup"]["classes"], self.info.device, self.rc.timing_repeats)
+        for v in entry["variants"]:
+            v["step"] = steps.get(v["label"])
+        self._save()
+
+    def _save(self, final: bool = False) -> None:
+        if not self.main:
+            return
+        seconds = time.perf_counter() - self.start
+        self.doc["wall_seconds"] = round(self.previous_seconds + seconds, 1)
+        self.doc["invocations"][-1].update(seconds=round(seconds, 1), load_end=bench_env.machine_load())
+        write_json(self.doc, self.out / "reproduce.json")
+        _write_text_atomic(self.out / "table.md", format_markdown(self.doc))
+        if final or any(v["n"] for e in self.doc["datasets"] for v in e["variants"]):
+            try:
+                plot_study(self.doc, self.out / f"{self.rc.study}.png")
+            except ImportError as err:
+                if final:
+                    self.echo(f"no plot: {err}")
+
+    def close(self) -> None:
+        """Free the shared datasets, restore the thread count, leave the process group."""
+        from ..train import distributed as du
+
+        clear_dataset_cache()
+        torch.set_num_threads(self.previous_threads)
+        du.cleanup()
+
+
+def _previous_invocations(previous: dict | None) -> list[dict]:
+    """The invocations recorded in a resumed study's document (documents written before the
+    ``invocations`` list kept one start/end load at the top level)."""
+    if not previous:
+        return []
+    if "invocations" in previous:
+        return list(previous["invocations"])
+    return [{"started": previous.get("started"), "seconds": previous.get("wall_seconds"),
+             "load_start": previous.get("load_start"), "load_end": previous.get("load_end")}]
+
+
+def _steps_per_epoch(cfg, dataset: Dataset, world_size: int) -> int | None:
+    """Optimizer steps per epoch of ``cfg`` (the sampler's rule: full global batches, capped)."""
+    n = {"demo": cfg.data.demo_train_size, "fashion-mnist": 60_000}.get(dataset.name)
+    if n is None:
+        return cfg.train.max_steps_per_epoch
+    steps = n // (cfg.train.batch_size * world_size * cfg.train.accum_steps)
+    return min(steps, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else steps
+
+
+def _probe_dataset(dataset: Dataset, cfg) -> tuple[int, int]:
+    """Classes and evaluated held-out images of ``dataset``; fails before any training if it cannot
+    be read (missing Fashion-MNIST files, a malformed image folder)."""
+    from ..data import build_datasets
+
+    d = cfg.data
+    _, val, classes = build_datasets(d.dataset, d.path, train_split=d.train_split, val_split=d.val_split,
+                                     val_fraction=d.val_fraction, seed=cfg.train.seed, demo_train_size=16,
+                                     demo_val_size=d.demo_val_size, demo_image_size=16)
+    n_val = len(val) if d.max_val_images is None else min(len(val), d.max_val_images)
+    return len(classes), n_val
+
+
+def run_study(rc: ReproConfig, echo: Echo = print, resume: bool = False, overwrite: bool = False,
+              command: str | None = None) -> tuple[int, dict]:
+    """Run (or resume) a study; returns the exit code and the result document."""
+    study = Study(rc, echo, resume, overwrite, command)
+    try:
+        code = study.run()
+    finally:
+        study.close()
+    return code, study.doc
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise QtvitError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
+    if not values:
+        raise QtvitError(f"{flag}: empty list")
+    return values
+
+
+def _add_arguments(p: argparse.ArgumentParser, study: str) -> None:
+    defaults = ",".join(STUDIES[study]["variants"])
+    p.add_argument("--kernels", metavar="K1,K2",
+                   help=f"kernels, optionally with parameters as name:param=value (default: {defaults})")
+    p.add_argument("--seeds", metavar="S1,S2", help="training seeds (default: 0,1,2)")
+    p.add_argument("--data", metavar="D1,D2",
+                   help="datasets: demo, fashion-mnist[:IDX_DIR], or an image folder "
+                        "(default: demo,fashion-mnist)")
+    p.add_argument("--model", help=f"registered model (default: a narrowed {DEFAULT_MODEL} for the built-in "
+                                   f"data, {FOLDER_MODEL} with its recipe for a folder)")
+    p.add_argument("--config", help="trainer YAML recipe to start from (default: the CPU recipe for demo and "
+                                    "fashion-mnist, the model's recipe for a folder)")
+    p.add_argument("--epochs", type=int, help="training epochs per run (default: the recipe's)")
+    p.add_argument("--steps", type=int, help="cap on optimizer steps per epoch (default: the recipe's)")
+    p.add_argument("--img-size", type=int, help="training and evaluation resolution (single-resolution)")
+    p.add_argument("--batch-size", type=int, help="images per step and process")
+    p.add_argument("--val-images", type=int, help="evaluate on the first N held-out images")
+    p.add_argument("--ape", action=argparse.BooleanOptionalAction, default=None,
+                   help="APE on the keys for every kernel (default: the model builder's)")
+    p.add_argument("--shortcut", action=argparse.BooleanOptionalAction, default=None,
+                   help="GELU(BN(v)) shortcut for every kernel (default: the model builder's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--threads", type=int,
+                   help="torch intra-op threads (default: 1 for the CPU recipe on a CPU, else torch's)")
+    p.add_argument("--output-dir", help=f"results folder (default: reproduce-{study})")
+    p.add_argument("--resume", action="store_true", help="continue the study in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="start over in an existing --output-dir")
+    p.add_argument("--quick", action="store_true", help="smoke test: 32 px, 2 steps of batch 8, 32 images")
+    p.add_argument("--no-timing", action="store_true", help="skip the training-step timing")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no per-step progress bars")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="trainer config overrides section.key=value, applied last (e.g. optim.lr=1e-3)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``qtvit reproduce`` with ``kernels`` and ``reductions``."""
+    p = subparsers.add_parser("reproduce", help="the paper's kernel ablations (Tables 2 and 3) on your data",
+                              description=__doc__.splitlines()[0].split(": ", 1)[1])
+    studies = p.add_subparsers(dest="study", metavar="STUDY")
+    for name, spec in STUDIES.items():
+        sp = studies.add_parser(name, help=f"{spec['table']}: {spec['title']}",
+                                description=f"{spec['table']} of the paper ({spec['title']}): train the same "
+                                            "model and data with each kernel, several seeds; write JSON, "
+                                            "Markdown and PNG.")
+        _add_arguments(sp, name)
+        sp.set_defaults(func=run)
+    p.set_defaults(func=lambda args: _missing_study(p))
+
+
+def _missing_study(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def config_from_args(args: argparse.Namespace) -> ReproConfig:
+    """Resolve the flags into a validated :class:`ReproConfig`."""
+    base = QUICK if args.quick else ReproConfig()
+    over: dict[str, object] = {"study": args.study}
+    if args.kernels is not None:
+        items = [s.strip() for s in args.kernels.split(",") if s.strip()]
+        if not items:
+            raise QtvitError("--kernels: empty list")
+        try:
+            over["variants"] = tuple(parse_case(s) for s in items)
+        except (ValueError, TypeError) as err:
+            raise QtvitError(f"--kernels: {err}") from None
+    if args.seeds is not None:
+        over["seeds"] = _ints("--seeds", args.seeds)
+    if args.data is not None:
+        items = [s for s in args.data.split(",") if s.strip()]
+        if not items:
+            raise QtvitError("--data: empty list")
+        over["datasets"] = tuple(parse_dataset(s) for s in items)
+    for flag in ("model", "config", "epochs", "steps", "img_size", "batch_size", "val_images", "ape",
+                 "shortcut", "output_dir", "threads"):
+        if getattr(args, flag) is not None:
+            over[flag] = getattr(args, flag)
+    if args.model is not None:
+        from ..models import resolve_model_name
+
+        resolve_model_name(args.model)  # raises, listing the valid models
+    over.update(overrides=tuple(args.overrides), device=args.device, timing=not args.no_timing,
+                keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress)
+    rc = replace(base, **over)
+    rc.validate()
+    return rc
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``qtvit reproduce kernels|reductions``."""
+    rc = config_from_args(args)
+    code, _ = run_study(rc, echo=print, resume=args.resume, overwrite=args.overwrite)
+    return code
+
+
+__all__ = ["DATASET_RECIPES", "Dataset", "QUICK", "ReproConfig", "SMALL_RECIPE", "STUDIES", "Study",
+           "base_config", "case_slug", "clear_dataset_cache", "config_from_args", "format_markdown",
+           "format_text", "model_facts", "paper_top1", "parse_dataset", "plot_study", "prepare_output",
+           "register", "run", "run_study", "summarize", "time_train_steps", "variant_config"]
