@@ -1,0 +1,41 @@
+"""Training-curve figure (matplotlib, Agg backend: works without a display)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .metrics import read_metrics
+
+
+def plot_curves(run_dir: str | os.PathLike, output: str | os.PathLike, title: str | None = None) -> Path:
+    """Plot training loss per logged step and validation top-1 per evaluation from ``run_dir``'s metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    steps = read_metrics(run_dir, "step")
+    evals = read_metrics(run_dir, "eval")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    if steps:
+        ax_loss.plot([r["global_step"] for r in steps], [float(r["loss"]) for r in steps], lw=1.2)
+    ax_loss.set(xlabel="optimizer step", ylabel="training loss", title="training loss")
+    ax_loss.grid(alpha=0.3)
+    if evals:
+        ax_acc.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", label="top-1")
+        ax_acc.plot([r["epoch"] for r in evals], [r["top5"] for r in evals], "s--", alpha=0.6, label="top-5")
+        ax_acc.legend(loc="lower right")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="held-out accuracy", ylim=(0, 100))
+    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_acc.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    output = Path(output)
+    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, output)
+    return output
