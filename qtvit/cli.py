@@ -22,6 +22,7 @@ SUBCOMMANDS = (
     "qtvit.models.convert_cli",
     "qtvit.bench.cli",
     "qtvit.train.cli",
+    "qtvit.bench.reproduce",
 )
 
 USER_ERRORS = (QtvitError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,

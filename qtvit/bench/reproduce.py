@@ -20,7 +20,8 @@ set (the label compares two distant objects) and on Fashion-MNIST (28 px upsampl
         --epochs 300 --output-dir runs/table2
 
 (a folder dataset uses the model's YAML recipe from ``configs/`` — the paper's — unless
-``--config`` names another).
+``--config`` names another; without ``--model`` it is QT-ViT-1's model and recipe). On a CPU the
+CPU recipe runs one intra-op thread per process (see :func:`resolve_threads`).
 
 Outputs in ``--output-dir``: ``reproduce.json`` (settings, environment header, every run,
 summaries; rewritten after each run), ``table.md`` (Markdown for docs/RESULTS.md), ``<study>.png``
@@ -60,6 +61,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -68,6 +70,9 @@ from ..kernels import get_kernel
 from . import env as bench_env
 from .approximation import KernelCase, parse_case
 from .attention import write_json
+
+if TYPE_CHECKING:
+    from ..train.trainer import FitResult
 
 SCHEMA_VERSION = 1
 Echo = Callable[[str], None]
@@ -89,6 +94,7 @@ DEFAULT_DATA = ("demo", "fashion-mnist")
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_MODEL = "qtvit_b0"
 FOLDER_MODEL = "qtvit_b1"  # a folder (ImageNet) without --model: the paper's Table 2/3 model and recipe
+PLOT_INTERVAL_S = 60.0  # the PNG is redrawn at most this often while a study runs (and at its end)
 # Files of an output folder that --overwrite removes besides the per-dataset run folders.
 OUTPUT_FILES = ("reproduce.json", "table.md", "kernels.png", "reductions.png")
 
@@ -119,7 +125,6 @@ SMALL_RECIPE: dict = {
         "batch_size": 64,
         "ema": False,  # an EMA with a warm-up longer than the run would only lag the weights
         "bn_reestimate": False,  # without EMA the running BN statistics are the trained ones
-        "eval_interval": 2,  # evaluate once, at the end (the last epoch always is)
     },
     "data": {
         "num_workers": 0,  # a loader process would compete for the 2 cores; images are cached/cheap
@@ -157,7 +162,7 @@ DATASET_RECIPES: dict[str, dict] = {
 }
 # --quick: a smoke test that exercises everything in seconds.
 QUICK_OVERRIDES: dict = {
-    "train": {"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 2, "eval_interval": 1},
+    "train": {"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 2},
     "data": {"demo_train_size": 32, "demo_val_size": 32, "max_val_images": 32},
     "optim": {"warmup_epochs": 0.0},
     "run": {"log_interval": 1},
@@ -368,14 +373,14 @@ def _takes_kernel_params_dict(model: str) -> bool:
 
 def _recipe_for(model: str | None) -> str | None:
     """The YAML recipe named after ``model`` or its paper alias (``qtvit_b1`` → ``qtvit_1``), if any."""
-    from ..models import resolve_model_name
-    from ..models.registry import _ALIASES
+    from ..models import list_models, resolve_model_name
     from ..train.config import find_config
 
     if model is None:
         return None
     canonical = resolve_model_name(model)
-    for name in (model, canonical, *[a for a, c in _ALIASES.items() if c == canonical]):
+    aliases = [a for a in list_models(include_aliases=True) if resolve_model_name(a) == canonical]
+    for name in (model, *aliases):
         try:
             return str(find_config(name))
         except FileNotFoundError:
@@ -391,9 +396,9 @@ def base_config(rc: ReproConfig, dataset: Dataset):
     defaults, which are the paper's recipe for QT-ViT-1) ← flags ← overrides.
     """
     from ..train.config import Config, load_config, merge_dict, parse_override, validate
-    from ..train.config import _set as set_key
 
-    if dataset.builtin and rc.config is None:
+    small = dataset.builtin and rc.config is None
+    if small:
         cfg = Config()
         merge_dict(cfg, copy.deepcopy(SMALL_RECIPE), "reproduce CPU recipe")
         merge_dict(cfg, copy.deepcopy(DATASET_RECIPES[dataset.name]), f"reproduce {dataset.name} recipe")
@@ -410,10 +415,15 @@ def base_config(rc: ReproConfig, dataset: Dataset):
         cfg = load_config(recipe)
         if rc.model:
             cfg.model.name = rc.model
-        if rc.img_size:
-            merge_dict(cfg, {"model": {"kwargs": {**cfg.model.kwargs, "img_size": rc.img_size}},
-                             "aug": {"multi_res": False, "train_sizes": [rc.img_size]},
-                             "data": {"demo_image_size": rc.img_size}}, "--img-size")
+        if rc.quick:
+            merge_dict(cfg, copy.deepcopy(QUICK_OVERRIDES), "--quick")
+            merge_dict(cfg, {"train": {"ema": False, "bn_reestimate": False}, "data": {"num_workers": 0}},
+                       "--quick")
+        size = rc.img_size or (QUICK_IMAGE_SIZE if rc.quick else None)
+        if size:
+            merge_dict(cfg, {"model": {"kwargs": {**cfg.model.kwargs, "img_size": size}},
+                             "aug": {"multi_res": False, "train_sizes": [size]},
+                             "data": {"demo_image_size": size}}, "--img-size")
     if dataset.name == "folder":
         merge_dict(cfg, {"data": {"dataset": "folder", "path": dataset.path}}, "--data")
     elif dataset.name == "fashion-mnist":
@@ -425,16 +435,15 @@ def base_config(rc: ReproConfig, dataset: Dataset):
              "data": {"max_val_images": rc.val_images},
              "model": {"ape": rc.ape, "shortcut": rc.shortcut}}
     for section, values in flags.items():
-        for key, value in values.items():
-            if value is not None:
-                set_key(cfg, section, key, value, f"--{key}")
-    if rc.epochs is not None and cfg.train.eval_interval > rc.epochs:
-        cfg.train.eval_interval = rc.epochs
+        given = {key: value for key, value in values.items() if value is not None}
+        merge_dict(cfg, {section: given}, "flags")
+    if small:
+        cfg.train.eval_interval = cfg.train.epochs  # evaluate once, after the last epoch
     if cfg.optim.warmup_epochs >= cfg.train.epochs:  # e.g. --epochs 1 with the paper's 20 warm-up epochs
         cfg.optim.warmup_epochs = 0.1 * cfg.train.epochs
     for text in rc.overrides:
         section, key, value = parse_override(text)
-        set_key(cfg, section, key, value, f"override {text!r}")
+        merge_dict(cfg, {section: {key: value}}, f"override {text!r}")
     cfg.run.progress = rc.progress and sys.stderr.isatty()
     validate(cfg)
     return cfg
@@ -849,6 +858,9 @@ class Study:
         if error is not None:
             raise error
         command = command or command_line(rc)
+        self.previous = previous
+        self.invocation = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0,
+                           "load_start": bench_env.machine_load(), "load_end": None}
         self.previous_threads = torch.get_num_threads()
         threads = resolve_threads(rc, self.info.device)
         if threads is not None:
@@ -859,14 +871,13 @@ class Study:
             "env": bench_env.collect_environment(self.info.device, torch.float32),
             "settings": {"fingerprint": rc.fingerprint(), "variants": [v.label for v in self.variants],
                          "seeds": list(rc.seeds), "datasets": [d.label for d in rc.datasets]},
-            "invocations": [*_previous_invocations(previous),
-                            {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0,
-                             "load_start": bench_env.machine_load(), "load_end": None}],
+            "invocations": [*_previous_invocations(previous), self.invocation],
             "wall_seconds": 0.0, "complete": False,
             "datasets": [self._dataset_entry(d, previous) for d in rc.datasets],
         }
-        self.start = time.perf_counter()
+        self.start = self.last_plot = time.perf_counter()
         self.previous_seconds = float((previous or {}).get("wall_seconds") or 0.0)
+        self.worked = False  # trained or timed anything in this invocation
 
     def _dataset_entry(self, dataset: Dataset, previous: dict | None) -> dict:
         old = next((e for e in (previous or {}).get("datasets", []) if e.get("slug") == dataset.slug), {})
@@ -941,11 +952,14 @@ class Study:
                             return 0 if fit.status == "paused" else 128 + (fit.signal or 2)
                         done_here.append(time.perf_counter() - tick)
                         self.echo(f"{where}: top-1 {result['top1']:.2f}% in {result['seconds']:.0f} s")
+                        trained = True
                     else:
                         self.echo(f"{where}: done before, top-1 {result['top1']:.2f}%")
+                        trained = False
                     v["runs"] = [r for r in v["runs"] if r["seed"] != seed] + [result]
                     v.update(summarize(v["runs"]))
-                    self._save()
+                    if trained:
+                        self._save()
             if any(v.get("step") is None for v in entry["variants"]):
                 self._time_steps(dataset, entry)
         self.doc["complete"] = True
@@ -964,8 +978,9 @@ class Study:
             result = json.loads((run_dir / "result.json").read_text())
         return du.broadcast_object(result, self.info)
 
-    def _train(self, cfg, run_dir: Path):
+    def _train(self, cfg, run_dir: Path) -> tuple[dict | None, FitResult]:
         """Train one (kernel, seed), resuming its checkpoint if an earlier invocation was interrupted."""
+        self.worked = True
         resume = (run_dir / "last.pt").is_file()
         overwrite = not resume and run_dir.is_dir() and any(run_dir.iterdir())
         trainer = _trainer_class()(cfg, run_dir, resume=resume, overwrite=overwrite)
@@ -991,6 +1006,7 @@ class Study:
             for v in entry["variants"]:
                 v["step"] = {"skipped": "--no-timing"}
             return
+        self.worked = True
         base = self.bases[dataset.slug]
         cfgs = {case.label: variant_config(base, case, 0, self.out) for case in self.variants}
         self.echo(f"{dataset.slug}: timing one training step per kernel (batch {base.train.batch_size}, "
@@ -1001,19 +1017,29 @@ class Study:
         self._save()
 
     def _save(self, final: bool = False) -> None:
+        """Rewrite the JSON and Markdown; the plot too when final or a minute has passed since the last."""
         if not self.main:
             return
-        seconds = time.perf_counter() - self.start
-        self.doc["wall_seconds"] = round(self.previous_seconds + seconds, 1)
-        self.doc["invocations"][-1].update(seconds=round(seconds, 1), load_end=bench_env.machine_load())
+        prior = _previous_invocations(self.previous)
+        if self.worked or not prior:
+            seconds = time.perf_counter() - self.start
+            self.invocation.update(seconds=round(seconds, 1), load_end=bench_env.machine_load())
+            self.doc["invocations"] = [*prior, self.invocation]
+            self.doc["wall_seconds"] = round(self.previous_seconds + seconds, 1)
+        else:  # a resume that found everything done only re-renders: it is not a run of the study
+            self.doc["invocations"] = prior
+            self.doc["wall_seconds"] = self.previous_seconds
+            self.doc["env"] = self.previous.get("env", self.doc["env"])
         write_json(self.doc, self.out / "reproduce.json")
         _write_text_atomic(self.out / "table.md", format_markdown(self.doc))
-        if final or any(v["n"] for e in self.doc["datasets"] for v in e["variants"]):
+        due = time.perf_counter() - self.last_plot > PLOT_INTERVAL_S
+        if final or (due and any(v["n"] for e in self.doc["datasets"] for v in e["variants"])):
             try:
                 plot_study(self.doc, self.out / f"{self.rc.study}.png")
             except ImportError as err:
                 if final:
                     self.echo(f"no plot: {err}")
+            self.last_plot = time.perf_counter()
 
     def close(self) -> None:
         """Free the shared datasets, restore the thread count, leave the process group."""
