@@ -171,9 +171,10 @@ def _eval_dataset(args: argparse.Namespace, training: dict | None):
     if args.dataset != "folder":
         kw = {}
         if training is not None and args.dataset == "demo":  # the demo set exactly as it was trained on
-            d = config_from_dict(training["config"]).data
+            saved = config_from_dict(training["config"])
+            d = saved.data
             kw = dict(demo_image_size=d.demo_image_size, demo_train_size=d.demo_train_size,
-                      demo_val_size=d.demo_val_size, seed=config_from_dict(training["config"]).train.seed)
+                      demo_val_size=d.demo_val_size, seed=saved.train.seed)
         _, val, classes = build_datasets(args.dataset, args.data, **kw)
         return val, classes
     if not args.data:
