@@ -47,7 +47,15 @@ from ..errors import QtvitError
 from ..kernels import attention as kernel_attention
 from ..kernels import get_kernel, list_kernels
 from . import env as bench_env
-from .timing import VARIANT_ERRORS, MiB, PeakMemoryMeter, make_peak_meter, time_interleaved
+from .timing import (
+    VARIANT_ERRORS,
+    MiB,
+    PeakMemoryMeter,
+    fmt_mb,
+    fmt_ms,
+    make_peak_meter,
+    time_interleaved,
+)
 
 SCHEMA_VERSION = 1
 IMPLS = ("linear", "dense", "sdpa")
@@ -474,22 +482,6 @@ def compute_ratios(results: list[dict], config: AttentionBenchConfig) -> list[di
 # ------------------------------------------------------------------------------------ output
 
 
-def _fmt_ms(ms: float) -> str:
-    if ms >= 100:
-        return f"{ms:.0f}"
-    if ms >= 10:
-        return f"{ms:.1f}"
-    if ms >= 1:
-        return f"{ms:.2f}"
-    return f"{ms:.3f}"
-
-
-def _fmt_mb(mb: float | None) -> str:
-    if mb is None:
-        return "?"
-    return f"{mb:.1f}" if mb < 10 else f"{mb:.0f}"
-
-
 def _noisy(entry: dict) -> bool:
     """Samples spread too widely for the median to be trusted (a busy machine)."""
     return entry["median_ms"] > 1.5 * entry["min_ms"] or entry["iqr_ms"] > 0.5 * entry["median_ms"]
@@ -499,7 +491,7 @@ def _cell(entry: dict | None) -> str:
     if entry is None:
         return "-"
     if entry["status"] == "ok":
-        return f"{_fmt_ms(entry['median_ms'])}{'*' if _noisy(entry) else ''} | {_fmt_mb(entry['peak_mb'])}"
+        return f"{fmt_ms(entry['median_ms'])}{'*' if _noisy(entry) else ''} | {fmt_mb(entry['peak_mb'])}"
     if entry["status"] == "skipped":
         return f"skip:{entry['skip']}"
     return "error"

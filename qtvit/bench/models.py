@@ -53,7 +53,15 @@ from ..errors import QtvitError
 from ..models import create_model, get_model_card, resolve_model_name
 from . import env as bench_env
 from .attention import write_json
-from .timing import VARIANT_ERRORS, MiB, PeakMemoryMeter, make_peak_meter, time_interleaved
+from .timing import (
+    VARIANT_ERRORS,
+    MiB,
+    PeakMemoryMeter,
+    fmt_mb,
+    fmt_ms,
+    make_peak_meter,
+    time_interleaved,
+)
 
 SCHEMA_VERSION = 1
 Size = tuple[int, int]  # (H, W)
@@ -843,22 +851,6 @@ def compute_ratios(doc: dict, config: ModelBenchConfig) -> list[dict]:
 # ------------------------------------------------------------------------------------ output
 
 
-def _fmt_ms(ms: float | None) -> str:
-    if ms is None:
-        return "?"
-    if ms >= 100:
-        return f"{ms:.0f}"
-    if ms >= 10:
-        return f"{ms:.1f}"
-    return f"{ms:.2f}"
-
-
-def _fmt_mb(mb: float | None) -> str:
-    if mb is None:
-        return "?"
-    return f"{mb:.1f}" if mb < 10 else f"{mb:.0f}"
-
-
 def format_header(doc: dict) -> list[str]:
     """The environment and settings as readable lines."""
     cfg = doc["config"]
@@ -912,17 +904,17 @@ def format_table(doc: dict) -> list[str]:
                 row = [f"{v['variant']}: {v['label']}",
                        "?" if v["params"] is None else f"{v['params'] / 1e6:.2f}M",
                        "?" if not b1 or b1.get("macs_g") is None else f"{b1['macs_g']:.3g}"]
-                row += [_cell_status(b1) or _fmt_ms(b1["median_ms"]), "" if _cell_status(b1) else
-                        f"±{_fmt_ms(b1['iqr_ms'] / 2)}", "" if _cell_status(b1) else _fmt_mb(b1["peak_mb"])]
+                row += [_cell_status(b1) or fmt_ms(b1["median_ms"]), "" if _cell_status(b1) else
+                        f"±{fmt_ms(b1['iqr_ms'] / 2)}", "" if _cell_status(b1) else fmt_mb(b1["peak_mb"])]
                 if n > 1:
                     bn = by_key.get((model, v["variant"], "forward", n, size))
                     s = _cell_status(bn)
-                    row += [s or _fmt_ms(bn["median_ms"]), "" if s else f"{bn['images_per_s']:.1f}",
-                            "" if s else _fmt_mb(bn["peak_mb"])]
+                    row += [s or fmt_ms(bn["median_ms"]), "" if s else f"{bn['images_per_s']:.1f}",
+                            "" if s else fmt_mb(bn["peak_mb"])]
                 if cfg["train_step"]:
                     tr = by_key.get((model, v["variant"], "train", n, size))
                     s = _cell_status(tr)
-                    row += [s or f"{tr['images_per_s']:.1f}", "" if s else _fmt_mb(tr["peak_mb"])]
+                    row += [s or f"{tr['images_per_s']:.1f}", "" if s else fmt_mb(tr["peak_mb"])]
                 rows.append(row)
             lines += [f"{model} at {size[0]}×{size[1]}"] + _table(header, rows) + [""]
     lines.append("ms: median per call (IQR/2 as ±); MB: peak MiB above weights and inputs; "
@@ -946,8 +938,8 @@ def format_sweep(doc: dict) -> list[str]:
                 e = next((x for x in rows_e if x["variant"] == key and tuple(x["resolution"]) == size), None)
                 s = _cell_status(e)
                 if s and e is not None and e.get("predicted_ms") is not None:
-                    s += f" ~{_fmt_ms(e['predicted_ms'])}"
-                row.append(s or f"{_fmt_ms(e['median_ms'])} | {_fmt_mb(e['peak_mb'])}")
+                    s += f" ~{fmt_ms(e['predicted_ms'])}"
+                row.append(s or f"{fmt_ms(e['median_ms'])} | {fmt_mb(e['peak_mb'])}")
             rows.append(row)
         lines += _table(header, rows) + [""]
     return lines

@@ -695,7 +695,9 @@ def _fmt_pm(mean: float | None, std: float | None) -> str:
 def _fmt_macs(macs: int | None) -> str:
     if macs is None:
         return "–"
-    return f"{macs / 1e9:.2f}G" if macs >= 1e9 else f"{macs / 1e6:.1f}M"
+    value, unit = next((macs / scale, unit) for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""))
+                       if macs >= scale or scale == 1)
+    return f"{value:#.3g}".rstrip(".") + unit  # three significant digits, trailing zeros kept
 
 
 def _fmt_ms(stats: dict | None) -> str:
@@ -797,7 +799,8 @@ def plot_study(doc: dict, path: str | Path) -> Path:
             seeds = [r["top1"] for r in v["runs"] if r.get("top1") is not None]
             ax.plot([x] * len(seeds), seeds, "k.", markersize=4)
         seen = [r["top1"] for v in variants for r in v["runs"] if r.get("top1") is not None]
-        ax.set_ylim(0.0, min(100.0, max(seen, default=10.0) * 1.1 + 2.0))  # bars start at 0: no false gaps
+        # bars start at 0 (no false gaps); headroom above for the legend
+        ax.set_ylim(0.0, min(100.0, max(seen, default=10.0)) * 1.25 + 2.0)
         classes = entry.get("setup", {}).get("classes")
         if classes:
             ax.axhline(100.0 / classes, color="gray", linestyle="--", linewidth=1, label="chance")
@@ -813,7 +816,8 @@ def plot_study(doc: dict, path: str | Path) -> Path:
                       label="paper (ImageNet)")
             twin.set_ylabel("paper ImageNet top-1 %")
             values = [p[1] for p in paper]
-            twin.set_ylim(min(values) - 1.0, max(values) + 1.0)
+            span = max(values) - min(values) + 2.0
+            twin.set_ylim(min(values) - 1.0, min(values) - 1.0 + 1.3 * span)
             handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
             ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left", ncol=3,
                       framealpha=0.9)

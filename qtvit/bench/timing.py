@@ -299,3 +299,22 @@ def make_peak_meter(device: torch.device) -> PeakMemoryMeter:
     meter.method = f"not measured: no peak-memory meter for {device.type} on {sys.platform}"
     return meter
 
+
+def fmt_ms(ms: float | None) -> str:
+    """Milliseconds with 3–4 significant digits for tables; "?" when unknown."""
+    if ms is None:
+        return "?"
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
+
+
+def fmt_mb(mb: float | None) -> str:
+    """MiB for tables: one decimal below 10; "?" when not measured."""
+    if mb is None:
+        return "?"
+    return f"{mb:.1f}" if mb < 10 else f"{mb:.0f}"
