@@ -18,12 +18,13 @@ from qtvit.bench.attention import (
     QUICK,
     AttentionBenchConfig,
     Variant,
-    _argv_from_args,
+    _add_arguments,
     _Previous,
     _skip_reason,
     build_variants,
     run_attention_benchmark,
 )
+from qtvit.bench.env import argv_from_args
 from qtvit.bench.timing import RssHighWaterMeter, time_interleaved
 from qtvit.cli import build_parser, main
 
@@ -241,7 +242,7 @@ def test_rerun_flags_reproduce_the_arguments():
     argv = ["bench", "attention", "--kernels", "relu,qt", "--tokens", "64,128", "--backward",
             "--repeats", "4", "--max-seconds", "12.5", "--output", "x.json", "--quick"]
     args = build_parser().parse_args(argv)
-    again = build_parser().parse_args(["bench", "attention", *_argv_from_args(args)])
+    again = build_parser().parse_args(["bench", "attention", *argv_from_args(args, _add_arguments)])
     assert {k: v for k, v in vars(again).items() if k != "func"} == \
         {k: v for k, v in vars(args).items() if k != "func"}
 
@@ -267,7 +268,7 @@ def test_cli_reruns_itself_under_tuned_malloc(monkeypatch, tmp_path):
     for name in bench_env.TUNED_MALLOC:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(bench_env, "is_glibc", lambda: True)
-    monkeypatch.setattr("qtvit.bench.attention.subprocess.call", fake_call)
+    monkeypatch.setattr("qtvit.bench.env.subprocess.call", fake_call)
     out = tmp_path / "b.json"
     assert main(["bench", "attention", "--quick", "--kernels", "relu", "--output", str(out)]) == 0
     assert not out.exists()  # the child writes it

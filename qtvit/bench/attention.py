@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -664,33 +663,12 @@ def config_from_args(args: argparse.Namespace) -> AttentionBenchConfig:
     return config
 
 
-def _argv_from_args(args: argparse.Namespace) -> list[str]:
-    """The flags that reproduce ``args`` (for re-running under the tuned malloc)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    _add_arguments(parser)
-    argv: list[str] = []
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if value is None or value is False:
-            continue
-        flag = action.option_strings[0]
-        argv += [flag] if value is True else [flag, str(value)]
-    return argv
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``qtvit bench attention``."""
     config = config_from_args(args)  # bad flags fail here, before any re-run
-    if bench_env.needs_malloc_reexec(config.system_malloc):
-        cmd = [sys.executable, "-m", "qtvit", "bench", "attention", *_argv_from_args(args)]
-        environ = bench_env.tuned_environ()
-        if getattr(args, "debug", False):
-            environ["QTVIT_DEBUG"] = "1"
-        settings = " ".join(f"{k}={v}" for k, v in bench_env.TUNED_MALLOC.items())
-        print(f"qtvit bench: re-running with {settings} (--system-malloc to keep the defaults)",
-              file=sys.stderr, flush=True)
-        code = subprocess.call(cmd, env=environ)
-        return code if code >= 0 else 128 - code
+    code = bench_env.rerun_with_tuned_malloc("attention", args, _add_arguments)
+    if code is not None:
+        return code
     run_attention_benchmark(config, echo=print, checkpoint=args.output)
     if args.output:
         print(f"\nwrote {args.output}")

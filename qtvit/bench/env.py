@@ -14,11 +14,13 @@ steady state). glibc reads them only at start-up, so the benchmark re-runs itsel
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -201,3 +203,37 @@ def format_environment(env: dict) -> list[str]:
         f"device {device}, dtype {env['dtype']}",
         f"malloc: {malloc_text} [{malloc['source']}; {malloc['libc'] or 'unknown libc'}]",
     ]
+
+
+def argv_from_args(args: argparse.Namespace, add_arguments: Callable[[argparse.ArgumentParser], None]
+                   ) -> list[str]:
+    """The flags that reproduce ``args`` for a parser built by ``add_arguments``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    argv: list[str] = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if value is None or value is False:
+            continue
+        flag = action.option_strings[0]
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def rerun_with_tuned_malloc(benchmark: str, args: argparse.Namespace,
+                            add_arguments: Callable[[argparse.ArgumentParser], None]) -> int | None:
+    """Re-run ``qtvit bench <benchmark>`` under :data:`qtvit.bench.env.TUNED_MALLOC` when needed.
+
+    Returns the child's exit code, or None when this process should run the benchmark itself.
+    """
+    if not needs_malloc_reexec(getattr(args, "system_malloc", False)):
+        return None
+    cmd = [sys.executable, "-m", "qtvit", "bench", benchmark, *argv_from_args(args, add_arguments)]
+    environ = tuned_environ()
+    if getattr(args, "debug", False):
+        environ["QTVIT_DEBUG"] = "1"
+    settings = " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())
+    print(f"qtvit bench: re-running with {settings} (--system-malloc to keep the defaults)",
+          file=sys.stderr, flush=True)
+    code = subprocess.call(cmd, env=environ)
+    return code if code >= 0 else 128 - code

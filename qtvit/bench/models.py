@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import gc
 import math
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -1071,44 +1070,10 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
     return config
 
 
-def argv_from_args(args: argparse.Namespace, add_arguments: Callable[[argparse.ArgumentParser], None]
-                   ) -> list[str]:
-    """The flags that reproduce ``args`` for a parser built by ``add_arguments``."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_arguments(parser)
-    argv: list[str] = []
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if value is None or value is False:
-            continue
-        flag = action.option_strings[0]
-        argv += [flag] if value is True else [flag, str(value)]
-    return argv
-
-
-def rerun_with_tuned_malloc(benchmark: str, args: argparse.Namespace,
-                            add_arguments: Callable[[argparse.ArgumentParser], None]) -> int | None:
-    """Re-run ``qtvit bench <benchmark>`` under :data:`qtvit.bench.env.TUNED_MALLOC` when needed.
-
-    Returns the child's exit code, or None when this process should run the benchmark itself.
-    """
-    if not bench_env.needs_malloc_reexec(getattr(args, "system_malloc", False)):
-        return None
-    cmd = [sys.executable, "-m", "qtvit", "bench", benchmark, *argv_from_args(args, add_arguments)]
-    environ = bench_env.tuned_environ()
-    if getattr(args, "debug", False):
-        environ["QTVIT_DEBUG"] = "1"
-    settings = " ".join(f"{k}={v}" for k, v in bench_env.TUNED_MALLOC.items())
-    print(f"qtvit bench: re-running with {settings} (--system-malloc to keep the defaults)",
-          file=sys.stderr, flush=True)
-    code = subprocess.call(cmd, env=environ)
-    return code if code >= 0 else 128 - code
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``qtvit bench models``."""
     config = config_from_args(args)  # bad flags fail here, before any re-run
-    code = rerun_with_tuned_malloc("models", args, _add_arguments)
+    code = bench_env.rerun_with_tuned_malloc("models", args, _add_arguments)
     if code is not None:
         return code
     doc = run_models_benchmark(config, echo=print, checkpoint=args.output)
@@ -1125,5 +1090,5 @@ def run(args: argparse.Namespace) -> int:
 __all__ = ["DTYPES", "ModelBenchConfig", "QUICK", "RATIO_SPECS", "SWEEP_SIZES", "VARIANT_KEYS", "VariantSpec",
            "busy_warning",
            "compute_ratios", "config_from_args", "fit_predict", "format_ratios", "format_sweep",
-           "format_table", "model_variants", "parse_sizes", "register", "rerun_with_tuned_malloc", "run",
+           "format_table", "model_variants", "parse_sizes", "register", "run",
            "run_models_benchmark"]

@@ -45,7 +45,6 @@ from .models import (
     import_timm,
     parse_device,
     parse_sizes,
-    rerun_with_tuned_malloc,
 )
 from .timing import VARIANT_ERRORS, time_interleaved
 
@@ -504,7 +503,7 @@ def run(args: argparse.Namespace) -> int:
                   f"[{m.top1_source}]")
         return 0
     config = config_from_args(args)
-    code = rerun_with_tuned_malloc("pareto", args, _add_arguments)
+    code = bench_env.rerun_with_tuned_malloc("pareto", args, _add_arguments)
     if code is not None:
         return code
     out = args.output_dir or "runs/bench/pareto"
