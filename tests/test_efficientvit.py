@@ -186,13 +186,16 @@ def test_macs_at_224(name):
 
 
 def test_count_macs_counts_attention_matmuls():
-    """MACs of one relu LiteMLA = its convs + 2·N·d·(d+1) per head (notes §6), recomputed by hand."""
+    """MACs of one relu LiteMLA = its convs + N·d·(2d+1) per head, recomputed by hand.
+
+    Notes §6 count 2·N·d·(d+1) (k̂ᵀ[v, 1] and q̂·[kv, kz]); our layout sums Σψ(k) as a reduction
+    instead of a matmul column, so the key side is N·d·d MACs and the query side N·d·(d+1)."""
     C, d, H, W = 64, 16, 7, 9
     m = LiteMLA(C, C, head_dim=d)
     m.impl = "linear"
     N, h2 = H * W, 2 * C // d
     convs = N * C * 3 * C + N * 3 * C * 25 + N * 3 * C * d + N * 2 * C * C  # qkv, dw 5×5, grouped 1×1, proj
-    assert count_macs(m, (1, C, H, W)) == convs + h2 * 2 * N * d * (d + 1)
+    assert count_macs(m, (1, C, H, W)) == convs + h2 * N * d * (2 * d + 1)
     assert count_macs(nn.Conv2d(3, 8, 3, padding=1), (2, 3, 10, 10)) == 2 * 8 * 100 * 27
 
 

@@ -15,6 +15,7 @@ from kernel_cases import case_id, kernel_cases
 
 import qtvit
 from qtvit.kernels import functional as kfun
+from qtvit.kernels import linear as klin
 from qtvit.kernels import linear_attention_generic, symmetric_outer
 
 LINEAR_CASES = kernel_cases(linear_only=True)
@@ -337,29 +338,70 @@ def test_auto_picks_dense_only_when_it_is_cheaper():
     torch.testing.assert_close(qtvit.attention(q, k, v, "qt"), qtvit.attention(q, k, v, "qt", impl="linear"))
 
 
-@pytest.mark.parametrize("name", ["taylor2", "qt", "relu", "taylor2_chunk"])
-def test_token_chunking_is_exact_forward_and_backward(name, monkeypatch):
+@pytest.mark.parametrize("case", kernel_cases(), ids=case_id)
+@pytest.mark.parametrize("impl", ["linear", "dense"])
+def test_feature_major_inputs_match_contiguous_forward_and_backward(case, impl):
+    """A conv backbone hands q, k, v over as transposed views (memory (d, N), as LiteMLA's
+    qkv.transpose(-1, -2)); the strided branches (row norms as square-sums) must agree."""
+    name, params = case
+    if impl == "linear" and name not in qtvit.list_kernels(linear_only=True):
+        pytest.skip("dense only")
+    q, k, v = qkv(B=1, H=2, N=37, M=41, d=8)
+    tq, tk, tv = (t.transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_() for t in (q, k, v))
+    assert tq.stride(-1) != 1  # really feature-major
+    cq, ck, cv = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = qtvit.attention(cq, ck, cv, name, impl=impl, **params)
+    out = qtvit.attention(tq, tk, tv, name, impl=impl, **params)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    weight = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * weight).sum(), (tq, tk, tv))
+    grads_ref = torch.autograd.grad((ref * weight).sum(), (cq, ck, cv))
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_row_norm_is_exact_floored_and_has_finite_gradients(strided):
+    from qtvit.kernels.definitions import ROW_NORM_FLOOR, row_norm
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    x[0, 0] = 0.0  # a zero row: floored, and its gradient must not be NaN (√s at s = 0)
+    x = x.transpose(-1, -2).contiguous().transpose(-1, -2) if strided else x
+    x.requires_grad_()
+    r = row_norm(x)
+    assert r.shape == (3, 5, 1)
+    torch.testing.assert_close(r[1:], x[1:].detach().pow(2).sum(-1, keepdim=True).sqrt())
+    assert float(r[0, 0].detach()) == ROW_NORM_FLOOR
+    (g,) = torch.autograd.grad(r.sum(), x)
+    assert torch.isfinite(g).all() and float(g[0, 0].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("path", ["generic", "specialised"])
+@pytest.mark.parametrize("name", ["taylor2", "qt", "relu", "taylor2_chunk", "qt_paper"])
+def test_token_chunking_is_exact_forward_and_backward(name, path, monkeypatch):
     q, k, v = (t.requires_grad_() for t in qkv(B=1, H=2, N=70, M=90, d=8))
     whole = qtvit.attention(q, k, v, name, impl="linear")
     grads_whole = torch.autograd.grad(whole.sum(), (q, k, v))
-    monkeypatch.setattr(kfun, "CHUNK_BYTES", 2 * 8 * 45 * 8)  # forces several chunks
-    chunked = linear_attention_generic(q, k, v, name)
+    monkeypatch.setattr(klin, "CHUNK_BYTES", 2 * 8 * 45 * 8)  # forces several chunks
+    monkeypatch.setattr(klin, "MIN_CHUNK_TOKENS", 1)
+    chunked = (linear_attention_generic(q, k, v, name) if path == "generic"
+               else qtvit.attention(q, k, v, name, impl="linear"))
     grads_chunked = torch.autograd.grad(chunked.sum(), (q, k, v))
     torch.testing.assert_close(chunked, whole)
     for a, b in zip(grads_chunked, grads_whole, strict=True):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("impl", ["generic", "dense"])
-@pytest.mark.parametrize("name", ["angular", "qt_paper", "taylor2", "cosine"])
+@pytest.mark.parametrize("impl", ["generic", "linear", "dense"])
+@pytest.mark.parametrize("name", ["angular", "qt_paper", "taylor2", "cosine", "qt", "mean"])
 def test_chunked_paths_without_autograd_fill_one_output(name, impl, monkeypatch):
     q, k, v = qkv(B=1, H=2, N=70, M=90, d=8, e=5)
     expected = qtvit.attention(q, k, v, name, impl="dense")
-    monkeypatch.setattr(kfun, "CHUNK_BYTES", 2 * 8 * 20 * 8)
+    monkeypatch.setattr(klin, "CHUNK_BYTES", 2 * 8 * 20 * 8)
+    monkeypatch.setattr(klin, "MIN_CHUNK_TOKENS", 1)
     monkeypatch.setitem(kfun.DENSE_CHUNK_BYTES, "cpu", 2 * 4 * 90 * 8 * 16)  # 16 queries a chunk
     with torch.no_grad():
         out = (linear_attention_generic(q, k, v, name) if impl == "generic"
-               else qtvit.attention(q, k, v, name, impl="dense"))
+               else qtvit.attention(q, k, v, name, impl=impl))
     torch.testing.assert_close(out, expected)
 
 

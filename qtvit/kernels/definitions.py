@@ -15,8 +15,8 @@ import math
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
+from .linear import linear_attention_core, needs_grad
 from .registry import Kernel, register_kernel
 
 Tensor = torch.Tensor
@@ -28,15 +28,33 @@ EPS = 1e-15
 UNIT_EPS = 1e-12
 
 
+# Floor of row_norm: the smallest power of ten whose square is a normal float32, so the squared
+# norm can be clamped before its square root (the gradient of √s at s = 0 is infinite).
+ROW_NORM_FLOOR = 1e-19
+
+
+def row_norm(x: Tensor, floor: float = ROW_NORM_FLOOR) -> Tensor:
+    """max(‖x‖₂, floor) over the last dim: (..., d) → (..., 1).
+
+    ``torch.linalg.vector_norm`` is fast when the last dim is contiguous but ~30× slower than a
+    square-and-sum when it is strided, as for q = qkv.transpose(-1, -2) in a conv backbone
+    (memory (d, N)): there the sum is a vectorised reduction across contiguous token rows.
+    """
+    floor = max(floor, ROW_NORM_FLOOR)
+    if x.stride(-1) == 1 or x.shape[-1] == 1:
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(floor)
+    return (x * x).sum(-1, keepdim=True).clamp_min(floor * floor).sqrt()
+
+
 def _unit(x: Tensor) -> Tensor:
-    return F.normalize(x, dim=-1, eps=UNIT_EPS)
+    return x / row_norm(x, UNIT_EPS)
 
 
 def _unit_cosine(q: Tensor, k: Tensor) -> Tensor:
     """q̂·k̂ for every pair, as (q·k)/(‖q‖‖k‖): (B, H, N, M)."""
-    qn = torch.linalg.vector_norm(q, dim=-1).clamp_min(UNIT_EPS)  # (B, H, N)
-    kn = torch.linalg.vector_norm(k, dim=-1).clamp_min(UNIT_EPS)  # (B, H, M)
-    return (q @ k.transpose(-1, -2)) / (qn[..., :, None] * kn[..., None, :])
+    qn = row_norm(q, UNIT_EPS)  # (B, H, N, 1)
+    kn = row_norm(k, UNIT_EPS).transpose(-1, -2)  # (B, H, 1, M)
+    return (q @ k.transpose(-1, -2)) / (qn * kn)
 
 
 @lru_cache(maxsize=64)
@@ -418,9 +436,9 @@ register_kernel(Kernel(
 
 def qt_hat(x: Tensor) -> Tensor:
     """SPEC §3 step 2 literally: x/(‖x‖+ε), square, x/(‖x‖+ε). (..., d) → (..., d)."""
-    x = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + EPS)
+    x = x / (row_norm(x) + EPS)
     x = x * x
-    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + EPS)
+    return x / (row_norm(x) + EPS)
 
 
 def _qt_pairwise(q: Tensor, k: Tensor, const) -> Tensor:
@@ -431,33 +449,41 @@ def _qt_features(x: Tensor, role: str, n_keys: int, const) -> tuple[Tensor, obje
     return qt_hat(x), const
 
 
-# Floor on r(x) = ‖x⊙x‖ in the linear qt path: 1/r scales values, so it must stay finite. It only
-# binds for ‖x‖ < 1e-15, where the released code's own ε = 1e-15 dominates as well.
-QT_NORM_FLOOR = 1e-30
+# Floor on r(x) = ‖x⊙x‖ in the linear qt path: 1/r scales the keys, so it must stay finite. Its
+# square (1e-38) is still a normal float32, so row_norm can clamp before its square root (finite
+# gradients). It only binds for ‖x‖ < ~3e-10, where x⁴ underflows float32 anyway.
+QT_NORM_FLOOR = 1e-19
 
 
 def _qt_linear(q: Tensor, k: Tensor, v: Tensor, eps: float, const) -> Tensor:
     """O(N) qt attention with both normalisations and the constant feature folded algebraically.
 
     Step 2 of SPEC §3 gives x̂ = x²/r(x), r(x) = ‖x²‖ (the first normalisation only rescales x;
-    the released code's ε changes r by < ε·√d relative). With S = Σ_j [v_j, 1] and
-    [KV | Kz] = Σ_j k_j² [v_j, 1]/r(k_j), multiplying numerator and denominator by r(q_i):
-        out_i = (q_i²·KV + r(q_i)·c²S_v) / (q_i²·Kz + r(q_i)·(c²M + ε)).
-    So no normalised copy of q or k is ever made: beyond ReLU attention the cost is two squares,
-    two row norms and in-place scalings of tensors the ReLU path allocates anyway.
-    q (B, H, N, d), k (B, H, M, d), v (B, H, M, e) → (B, H, N, e).
+    the released code's ε changes r by < ε·√d relative). With S = Σ_j [v_j; 1] and
+    [KV; Kz] = Σ_j [v_j; 1] k̂_jᵀ, multiplying numerator and denominator by r(q_i):
+        out_i = (KV·q_i² + r(q_i)·c²S_v) / (Kz·q_i² + r(q_i)·(c²M + ε)).
+    So queries are never normalised (their norm only scales the constant column) and beyond ReLU
+    attention the cost is two squares, two row norms and one in-place scaling of the keys.
+    q (B, H, N, d), k (B, H, M, d), v (B, H, M, e) → (B, H, N, e) (a view of (B, H, e, N) memory).
     """
-    e = v.shape[-1]
-    q2, k2 = q * q, k * k  # (B, H, N, d), (B, H, M, d)
-    r_q = torch.linalg.vector_norm(q2, dim=-1, keepdim=True).clamp_min(QT_NORM_FLOOR)  # (B, H, N, 1)
-    r_k = torch.linalg.vector_norm(k2, dim=-1, keepdim=True).clamp_min(QT_NORM_FLOOR)  # (B, H, M, 1)
-    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, M, e+1)
-    # c²·Σ_j [v_j, 1] with the denominator's ε riding in the last column: (B, H, 1, e+1)
-    const_row = (const * const) * v1.sum(-2, keepdim=True)
-    const_row[..., e:] += eps
-    kv = k2.transpose(-1, -2) @ v1.div_(r_k)  # (B, H, d, e+1); in place: cat's output is ours
-    out = (q2 @ kv).addcmul_(r_q, const_row)  # (B, H, N, e+1): r(q_i)·[numerator | denominator]
-    return out[..., :e] / out[..., e:]
+    B, H, M, d = k.shape
+    grad = needs_grad(q, k, v, const)
+
+    def key_features(k_c: Tensor) -> Tensor:  # k̂ = k²/r(k): (B, H, n, d)
+        k2 = k_c * k_c
+        r = row_norm(k2, QT_NORM_FLOOR)  # (B, H, n, 1)
+        return k2 / r if grad else k2.div_(r)
+
+    def query_features(q_c: Tensor) -> tuple[Tensor, Tensor]:  # q² and r(q), (B, H, n, d|1)
+        q2 = q_c * q_c
+        return q2, row_norm(q2, QT_NORM_FLOOR)
+
+    # constant column c²·[Σ_j v_j; M] with ε in the normaliser's entry: (B, H, e+1, 1)
+    v_sum = v.sum(-2).unsqueeze(-1)  # (B, H, e, 1)
+    c2 = const * const
+    col = torch.cat([v_sum * c2, torch.full_like(v_sum[..., :1, :], M) * c2 + eps], dim=-2)
+    return linear_attention_core(q, k, v, key_features, query_features, width=d + 1, const_col=col,
+                                 grad_inputs=(const,))
 
 
 register_kernel(Kernel(

@@ -13,20 +13,18 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .definitions import EPS
+from .linear import linear_attention_core, needs_grad, tokens_per_chunk
 from .registry import Kernel, get_kernel
 
 Tensor = torch.Tensor
 
 IMPLS = ("auto", "linear", "dense")
 
-# Peak bytes allowed for one chunk of features/weights: the generic feature path and the dense
-# N×M weights are built this many bytes at a time, so peak memory stays O(N·d + D·e) instead of
-# O(N·D) (or O(N·M) for dense). (The taylor2 family's specialised path needs no chunking.)
-CHUNK_BYTES = 8 * 2**20
-# Dense weights: bigger chunks (fewer, larger matmuls; on GPUs launch overhead dominates small ones).
+# Peak bytes of one chunk of dense N×M weights: queries are processed this many at a time so
+# peak memory stays O(N·d + chunk·M). (The feature-map paths chunk by linear.CHUNK_BYTES.)
+# Bigger on GPUs: fewer, larger matmuls (launch overhead dominates small ones).
 DENSE_CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 1024 * 2**20}
 
 
@@ -85,15 +83,6 @@ def _cast_params(params: dict, dtype: torch.dtype) -> dict:
     return {n: p.to(dtype) if isinstance(p, torch.Tensor) else p for n, p in params.items()}
 
 
-def _tokens_per_chunk(rows: int, width: int, itemsize: int, budget: int | None = None) -> int:
-    """Tokens per chunk so that a (rows, chunk, width) tensor stays under ``budget`` (CHUNK_BYTES)."""
-    return max(1, (budget or CHUNK_BYTES) // max(1, rows * width * itemsize))
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
-
-
 def _over_chunks(fn, n: int, chunk: int, out_shape: tuple[int, ...], like: Tensor, grad: bool) -> Tensor:
     """Concatenate ``fn(s, e)`` for token ranges [s, e) of length ``chunk`` along dim -2.
 
@@ -109,13 +98,6 @@ def _over_chunks(fn, n: int, chunk: int, out_shape: tuple[int, ...], like: Tenso
     for s, e in ranges:
         out[..., s:e, :] = fn(s, e)
     return out
-
-
-def _maybe_checkpoint(fn, *args):
-    """Recompute chunks in backward instead of storing their features (keeps grads O(N·d))."""
-    if _needs_grad(*args):
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
 
 
 def feature_map(x: Tensor, kernel: str | Kernel, role: str = "q", n_keys: int | None = None,
@@ -138,56 +120,37 @@ def feature_map(x: Tensor, kernel: str | Kernel, role: str = "q", n_keys: int | 
 
 
 def _linear_generic(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: float = EPS) -> Tensor:
-    """Feature-map path: out = φ(Q)[φ(K)ᵀ[V,1]], never building an N×M matrix, chunked over tokens."""
-    B, H, N, d = q.shape
-    M, e = k.shape[-2], v.shape[-1]
-    D = kern.feature_dim(d, **params)
-    chunk = _tokens_per_chunk(B * H, D, q.element_size()) if kern.features is not None else N
+    """Feature-map path: out = φ(Q)[φ(K)ᵀ[V,1]], never building an N×M matrix, chunked over tokens.
+
+    The constant features (const_q·const_k) contribute the same column c·[Σ_j v_j; M] to every
+    query, so it is added once per query instead of appending a constant to every token.
+    """
+    d, M = q.shape[-1], k.shape[-2]
     token_local = kern.name != "sigmoid_softmax"  # its key features use a softmax over all tokens
-    if not token_local:
-        chunk = max(N, M)
-
-    def features(x: Tensor, role: str) -> tuple[Tensor, object]:
-        return kern.features(x, role, M, **params)
-
-    def with_ones(x: Tensor) -> Tensor:  # [v, 1]: the normaliser rides along as an extra column
-        return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1) if kern.normalized else x
-
-    def key_chunk(k_c: Tensor, v_c: Tensor) -> Tensor:
-        psi, _ = features(k_c, "k")
-        return psi.transpose(-1, -2) @ with_ones(v_c)  # (B, H, D-1, e')
-
-    _, const_k = features(k[..., :1, :], "k") if token_local else features(k, "k")
-    kv = None
-    for s in range(0, M, chunk):
-        part = _maybe_checkpoint(key_chunk, k[..., s:s + chunk, :], v[..., s:s + chunk, :])
-        kv = part if kv is None else kv + part
-
-    const_term = None  # const_q·const_k·Σ_j [v_j, 1]: (B, H, 1, e')
-    scale = 1.0 if kern.output_scale is None else kern.output_scale(M)
-
-    def query_chunk(q_c: Tensor, kv: Tensor, const_term: Tensor | None) -> Tensor:
-        psi, _ = features(q_c, "q")
-        out = psi @ kv if const_term is None else torch.baddbmm(
-            const_term.flatten(0, 1), psi.flatten(0, 1), kv.flatten(0, 1)).unflatten(0, (B, H))
-        if kern.normalized:
-            return out[..., :e] / (out[..., e:] + eps)
-        return out * scale if scale != 1.0 else out
-
-    _, const_q = features(q[..., :1, :], "q")
+    _, const_k = kern.features(k[..., :1, :] if token_local else k, "k", M, **params)
+    _, const_q = kern.features(q[..., :1, :], "q", M, **params)
+    const_col = None  # (B, H, e', 1)
     if const_q is not None and const_k is not None:
-        v_sum = v.sum(-2, keepdim=True)  # (B, H, 1, e)
-        if kern.normalized:  # the ones column of [V, 1] sums to M
-            v_sum = torch.cat([v_sum, torch.full_like(v_sum[..., :1], M)], dim=-1)
-        const_term = (const_q * const_k) * v_sum
-    return _over_chunks(lambda s, t: _maybe_checkpoint(query_chunk, q[..., s:t, :], kv, const_term),
-                        N, chunk, (B, H, N, e), q, _needs_grad(q, kv, const_term))
+        v_sum = v.sum(-2).unsqueeze(-1)  # (B, H, e, 1)
+        if kern.normalized:  # the normaliser's entry: the constant weight summed over M keys
+            v_sum = torch.cat([v_sum, torch.full_like(v_sum[..., :1, :], M)], dim=-2)
+        const_col = (const_q * const_k) * v_sum
+    D = kern.feature_dim(d, **params)
+    return linear_attention_core(
+        q, k, v,
+        key_features=lambda x: kern.features(x, "k", M, **params)[0],
+        query_features=lambda x: (kern.features(x, "q", M, **params)[0], None),
+        width=D, normalized=kern.normalized, const_col=const_col,
+        eps=eps if kern.normalized else 0.0,
+        scale=1.0 if kern.output_scale is None else kern.output_scale(M),
+        key_chunk=None if token_local else M, grad_inputs=tuple(params.values()),
+        recompute=D > 4 * d)  # large maps (taylor2's ~d²/2): recompute ψ in backward
 
 
 def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: float = EPS) -> Tensor:
     """Reference path: the N×M weight matrix from the pairwise formula, rows normalised.
 
-    Queries are processed in chunks so the weights of one chunk stay under CHUNK_BYTES.
+    Queries are processed in chunks so the weights of one chunk stay under DENSE_CHUNK_BYTES.
     """
     if kern.name == "softmax":
         # Strided views (e.g. LiteMLA's q/k/v slices) make SDPA fall back to its math path,
@@ -197,7 +160,7 @@ def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: flo
     M = k.shape[-2]
     scale = 1.0 if kern.output_scale is None else kern.output_scale(M)
     budget = DENSE_CHUNK_BYTES.get(q.device.type, DENSE_CHUNK_BYTES["cpu"])
-    chunk = _tokens_per_chunk(B * H * 4, M, q.element_size(), budget)  # ~4 temporaries of w's size
+    chunk = tokens_per_chunk(B * H * 4, M, q.element_size(), budget, minimum=1)  # ~4 temporaries of w's size
 
     def query_chunk(q_c: Tensor) -> Tensor:
         w = kern.pairwise(q_c, k, **params)  # (B, H, n, M)
@@ -205,7 +168,7 @@ def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: flo
             return (w @ v) / (w.sum(-1, keepdim=True) + eps)
         return (w @ v) * scale
 
-    grad = _needs_grad(q, k, v, *params.values())
+    grad = needs_grad(q, k, v, *params.values())
     return _over_chunks(lambda s, t: query_chunk(q[..., s:t, :]), N, chunk, (B, H, N, v.shape[-1]), q, grad)
 
 
@@ -240,7 +203,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel = "qt", impl
 
     Returns:
         (B, H, N, e) in the input dtype. Computed in float32 (float64 inputs: float64) with
-        autocast disabled.
+        autocast disabled. The linear path returns a transposed view of (B, H, e, N) memory
+        (what a conv backbone reshapes to (B, H·e, h, w) for free); use ``reshape`` rather than
+        ``view`` on it, or ``.contiguous()``.
     """
     kern = get_kernel(kernel)
     if impl not in IMPLS:
