@@ -478,11 +478,9 @@ def _qt_linear(q: Tensor, k: Tensor, v: Tensor, eps: float, const) -> Tensor:
         q2 = q_c * q_c
         return q2, row_norm(q2, QT_NORM_FLOOR)
 
-    # constant column c²·[Σ_j v_j; M] with ε in the normaliser's entry: (B, H, e+1, 1)
-    v_sum = v.sum(-2).unsqueeze(-1)  # (B, H, e, 1)
-    c2 = const * const
-    col = torch.cat([v_sum * c2, torch.full_like(v_sum[..., :1, :], M) * c2 + eps], dim=-2)
-    return linear_attention_core(q, k, v, key_features, query_features, width=d + 1, const_col=col,
+    # constant column c²·[Σ_j v_j; M], with ε inside the normaliser's entry (scaled by r(q) too)
+    return linear_attention_core(q, k, v, key_features, query_features, width=d + 1,
+                                 const_weight=const * const, eps=eps, eps_in_const=True,
                                  grad_inputs=(const,))
 
 

@@ -129,18 +129,13 @@ def _linear_generic(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict,
     token_local = kern.name != "sigmoid_softmax"  # its key features use a softmax over all tokens
     _, const_k = kern.features(k[..., :1, :] if token_local else k, "k", M, **params)
     _, const_q = kern.features(q[..., :1, :], "q", M, **params)
-    const_col = None  # (B, H, e', 1)
-    if const_q is not None and const_k is not None:
-        v_sum = v.sum(-2).unsqueeze(-1)  # (B, H, e, 1)
-        if kern.normalized:  # the normaliser's entry: the constant weight summed over M keys
-            v_sum = torch.cat([v_sum, torch.full_like(v_sum[..., :1, :], M)], dim=-2)
-        const_col = (const_q * const_k) * v_sum
+    const_weight = const_q * const_k if const_q is not None and const_k is not None else None
     D = kern.feature_dim(d, **params)
     return linear_attention_core(
         q, k, v,
         key_features=lambda x: kern.features(x, "k", M, **params)[0],
         query_features=lambda x: (kern.features(x, "q", M, **params)[0], None),
-        width=D, normalized=kern.normalized, const_col=const_col,
+        width=D, normalized=kern.normalized, const_weight=const_weight,
         eps=eps if kern.normalized else 0.0,
         scale=1.0 if kern.output_scale is None else kern.output_scale(M),
         key_chunk=None if token_local else M, grad_inputs=tuple(params.values()),

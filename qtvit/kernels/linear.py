@@ -56,21 +56,25 @@ def needs_grad(*tensors) -> bool:
 def linear_attention_core(q: Tensor, k: Tensor, v: Tensor,
                           key_features: Callable[[Tensor], Tensor],
                           query_features: Callable[[Tensor], tuple[Tensor, Tensor | None]],
-                          *, width: int, normalized: bool = True, const_col: Tensor | None = None,
-                          eps: float = 0.0, scale: float = 1.0, key_chunk: int | None = None,
-                          grad_inputs: tuple = (), recompute: bool = False) -> Tensor:
+                          *, width: int, normalized: bool = True, const_weight=None,
+                          eps: float = 0.0, eps_in_const: bool = False, scale: float = 1.0,
+                          key_chunk: int | None = None, grad_inputs: tuple = (),
+                          recompute: bool = False) -> Tensor:
     """out = ψ(Q)[ψ(K)ᵀ[V, 1]] (+ constant column), chunked over tokens, never building N×M.
 
     Args:
         q, k, v: (B, H, N, d), (B, H, M, d), (B, H, M, e), any strides.
         key_features: ψ for a chunk of keys, (B, H, n, d) → (B, H, n, D).
         query_features: ψ for a chunk of queries, (B, H, n, d) → ((B, H, n, D), s) with s the
-            per-query scale (B, H, n, 1) of ``const_col`` or None (scale 1).
+            per-query scale (B, H, n, 1) of the constant column or None (scale 1).
         width: D, only used to size the chunks.
         normalized: divide by the last row (the normaliser) instead of returning the sums.
-        const_col: (B, H, e', 1) constant column added to every query's sums (e' = e+1 if
-            normalized else e), times s; None if the kernel has no constant feature.
-        eps: added to the normaliser after the constant column.
+        const_weight: the constant features' weight w (a float or a scalar tensor, e.g. c² for
+            qt); adds the column w·[Σ_j v_j; M] (w·Σ_j v_j unnormalised) to every query's sums,
+            times s. None if the kernel has no constant feature. Σ_j v_j is summed chunk by
+            chunk while v is in cache.
+        eps: added to the normaliser: after the constant column, or inside it (times s) if
+            ``eps_in_const``.
         scale: multiplies an unnormalised result (e.g. mean's 1/M).
         key_chunk: tokens per key chunk (keys whose features depend on all keys need M).
         grad_inputs: tensors besides q, k, v that may require grad (kernel parameters).
@@ -82,13 +86,23 @@ def linear_attention_core(q: Tensor, k: Tensor, v: Tensor,
     """
     B, H, N, _ = q.shape
     M, e = k.shape[-2], v.shape[-1]
-    grad = needs_grad(q, k, v, const_col, *grad_inputs)
+    grad = needs_grad(q, k, v, const_weight, *grad_inputs)
     chunk = tokens_per_chunk(B * H, max(width, e + 1), q.element_size())
 
-    def key_sums(k_c: Tensor, v_c: Tensor) -> Tensor:  # (B, H, e', D)
+    with_const = const_weight is not None
+
+    def key_sums(k_c: Tensor, v_c: Tensor) -> Tensor:  # (B, H, e', D [+1])
         psi = key_features(k_c)  # (B, H, n, D)
-        kv = v_c.transpose(-1, -2) @ psi  # (B, H, e, D)
-        return torch.cat([kv, psi.sum(-2, keepdim=True)], dim=-2) if normalized else kv
+        parts = [v_c.transpose(-1, -2) @ psi]  # (B, H, e, D)
+        if normalized:
+            parts.append(psi.sum(-2, keepdim=True))  # (B, H, 1, D)
+        out = torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+        if with_const:  # Σ_j v_j as one more column, summed while v_c is in cache
+            v_sum = v_c.sum(-2).unsqueeze(-1)  # (B, H, e, 1)
+            if normalized:
+                v_sum = torch.cat([v_sum, torch.full_like(v_sum[..., :1, :], v_c.shape[-2])], dim=-2)
+            out = torch.cat([out, v_sum], dim=-1)
+        return out
 
     step = key_chunk or balanced(M, chunk)
     chunk = balanced(N, chunk)
@@ -97,6 +111,12 @@ def linear_attention_core(q: Tensor, k: Tensor, v: Tensor,
         args = (k[..., s:s + step, :], v[..., s:s + step, :])
         part = checkpoint(key_sums, *args, use_reentrant=False) if recompute and grad else key_sums(*args)
         sums = part if sums is None else (sums + part if grad else sums.add_(part))
+    const_col = None  # (B, H, e', 1): w·[Σ_j v_j; M] (+ ε in the normaliser's entry)
+    if with_const:
+        sums, const_col = sums[..., :-1], sums[..., -1:] * const_weight
+        if eps_in_const and normalized and eps:
+            const_col = torch.cat([const_col[..., :e, :], const_col[..., e:, :] + eps], dim=-2)
+        eps = 0.0 if eps_in_const else eps
 
     def query_block(q_c: Tensor, sums: Tensor, const_col: Tensor | None,
                     out: Tensor | None = None) -> Tensor:  # (B, H, e, n)
