@@ -102,6 +102,19 @@ def test_pretrained_cfg_follows_img_size():
     assert model.pretrained_cfg["num_classes"] == 7
 
 
+def test_efficientvit_pretrained_cfg_follows_img_size():
+    model = create_model("qtvit_1", img_size=(256, 288), num_classes=10)
+    assert model.pretrained_cfg["input_size"] == (3, 256, 288)
+    assert model.pretrained_cfg["num_classes"] == 10
+    assert create_model("qtvit_1").pretrained_cfg["input_size"] == (3, 224, 224)
+
+
+def test_architecture_arguments_override_the_named_size():
+    model = create_model("qtvit_vit_micro", embed_dim=48, depth=2, num_heads=2, num_classes=3)
+    assert model.embed_dim == 48 and len(model.blocks) == 2
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
 # ------------------------------------------------------------------------------ forward / backward
 
 

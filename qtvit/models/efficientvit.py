@@ -402,7 +402,9 @@ def _build(size: str, num_classes: int, kernel: str, ape: bool, shortcut: bool, 
     cfg = {**CONFIGS[size], **kwargs}
     model = EfficientViT(num_classes=num_classes, kernel=kernel, ape=ape, shortcut=shortcut,
                          drop_path_rate=drop_path_rate, **cfg)
-    model.pretrained_cfg = dict(_pretrained_cfg(size))
+    # a model built for another resolution is evaluated at that resolution (timm's convention)
+    model.pretrained_cfg = {**_pretrained_cfg(size), "input_size": (3, *model.img_size),
+                            "num_classes": num_classes}
     return model
 
 

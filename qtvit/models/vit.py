@@ -322,8 +322,8 @@ def _create(name: str, num_classes: int, kernel: str, img_size, patch_size, drop
     a = dict(_ARCHS[name])
     a["img_size"] = a["img_size"] if img_size is None else img_size
     a["patch_size"] = a["patch_size"] if patch_size is None else patch_size
-    model = VisionTransformer(num_classes=num_classes, kernel=kernel, drop_path_rate=drop_path_rate,
-                              **a, **kwargs)
+    a.update(kwargs)  # an explicit embed_dim, depth, num_heads, … overrides the architecture's
+    model = VisionTransformer(num_classes=num_classes, kernel=kernel, drop_path_rate=drop_path_rate, **a)
     model.pretrained_cfg = {**_pretrained_cfg(model.img_size), "num_classes": num_classes}
     return model
 
