@@ -36,7 +36,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -647,20 +647,10 @@ def config_from_args(args: argparse.Namespace) -> AttentionBenchConfig:
         over["tokens"] = _ints("--tokens", args.tokens)
     if args.head_dims is not None:
         over["head_dims"] = _ints("--head-dims", args.head_dims)
-    for flag in ("batch", "heads", "dtype", "device", "threads", "repeats", "warmup", "max_seconds",
-                 "max_call_seconds", "max_dense_tokens"):
-        if getattr(args, flag) is not None:
-            over[flag] = getattr(args, flag)
-    if args.repeats is not None:
-        over["min_repeats"] = min(base.min_repeats, args.repeats)
-    over.update(backward=args.backward or base.backward, measure_memory=not args.no_memory,
-                progress=not args.no_progress, system_malloc=args.system_malloc)
-    config = replace(base, **over)
-    try:
-        config.validate()
-    except ValueError as err:
-        raise QtvitError(f"bad setting: {err}") from None
-    return config
+    return bench_env.config_from_flags(
+        base, args, ("batch", "heads", "dtype", "device", "threads", "repeats", "warmup", "max_seconds",
+                     "max_call_seconds", "max_dense_tokens"),
+        **over, backward=args.backward or base.backward, measure_memory=not args.no_memory)
 
 
 def run(args: argparse.Namespace) -> int:

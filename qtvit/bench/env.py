@@ -20,7 +20,8 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -237,3 +238,24 @@ def rerun_with_tuned_malloc(benchmark: str, args: argparse.Namespace,
           file=sys.stderr, flush=True)
     code = subprocess.call(cmd, env=environ)
     return code if code >= 0 else 128 - code
+
+
+def config_from_flags(base, args: argparse.Namespace, flags: Sequence[str], **extra):
+    """``base`` (a benchmark config dataclass) with the command-line values the user gave.
+
+    Every name of ``flags`` that is not None on ``args`` is copied; ``--repeats`` also lowers
+    ``min_repeats``; the shared --no-progress/--system-malloc switches and ``extra`` are applied.
+    ``validate()`` failures become one ``QtvitError`` line.
+    """
+    from ..errors import QtvitError
+
+    over: dict[str, object] = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
+    if getattr(args, "repeats", None) is not None:
+        over["min_repeats"] = min(base.min_repeats, args.repeats)
+    over.update(progress=not args.no_progress, system_malloc=args.system_malloc, **extra)
+    config = replace(base, **over)
+    try:
+        config.validate()
+    except ValueError as err:
+        raise QtvitError(f"bad setting: {err}") from None
+    return config

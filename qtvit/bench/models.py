@@ -41,7 +41,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -1052,22 +1052,12 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
     if args.sweep_sizes is not None:
         over["sweep_sizes"] = parse_sizes("--sweep-sizes", args.sweep_sizes)
         over["ratio_sweep_size"] = max(over["sweep_sizes"], key=_pixels)
-    for flag in ("batch_size", "dtype", "device", "repeats", "warmup", "max_seconds", "sweep_max_seconds",
-                 "max_call_seconds"):
-        if getattr(args, flag) is not None:
-            over[flag] = getattr(args, flag)
-    if args.repeats is not None:
-        over["min_repeats"] = min(base.min_repeats, args.repeats)
-    over.update(channels_last=args.channels_last or base.channels_last, compile=args.compile or base.compile,
-                train_step=args.train_step or base.train_step, sweep=args.sweep_resolution or base.sweep,
-                measure_memory=not args.no_memory, progress=not args.no_progress,
-                system_malloc=args.system_malloc)
-    config = replace(base, **over)
-    try:
-        config.validate()
-    except ValueError as err:
-        raise QtvitError(f"bad setting: {err}") from None
-    return config
+    return bench_env.config_from_flags(
+        base, args, ("batch_size", "dtype", "device", "repeats", "warmup", "max_seconds", "sweep_max_seconds",
+                     "max_call_seconds"),
+        **over, channels_last=args.channels_last or base.channels_last, compile=args.compile or base.compile,
+        train_step=args.train_step or base.train_step, sweep=args.sweep_resolution or base.sweep,
+        measure_memory=not args.no_memory)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ import gc
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -480,19 +480,8 @@ def config_from_args(args: argparse.Namespace) -> ParetoConfig:
             over["batch_sizes"] = tuple(int(s) for s in args.batch_sizes.split(",") if s.strip())
         except ValueError:
             raise QtvitError(f"--batch-sizes: {args.batch_sizes!r} is not a list of integers") from None
-    for flag in ("dtype", "device", "repeats", "warmup", "max_seconds"):
-        if getattr(args, flag) is not None:
-            over[flag] = getattr(args, flag)
-    if args.repeats is not None:
-        over["min_repeats"] = min(base.min_repeats, args.repeats)
-    over.update(channels_last=args.channels_last, progress=not args.no_progress,
-                system_malloc=args.system_malloc)
-    config = replace(base, **over)
-    try:
-        config.validate()
-    except ValueError as err:
-        raise QtvitError(f"bad setting: {err}") from None
-    return config
+    return bench_env.config_from_flags(base, args, ("dtype", "device", "repeats", "warmup", "max_seconds"),
+                                       **over, channels_last=args.channels_last)
 
 
 def run(args: argparse.Namespace) -> int:
