@@ -466,7 +466,7 @@ def _qt_linear(q: Tensor, k: Tensor, v: Tensor, eps: float, const) -> Tensor:
     attention the cost is two squares, two row norms and one in-place scaling of the keys.
     q (B, H, N, d), k (B, H, M, d), v (B, H, M, e) → (B, H, N, e) (a view of (B, H, e, N) memory).
     """
-    B, H, M, d = k.shape
+    d = k.shape[-1]
     grad = needs_grad(q, k, v, const)
 
     def key_features(k_c: Tensor) -> Tensor:  # k̂ = k²/r(k): (B, H, n, d)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .definitions import EPS
-from .linear import linear_attention_core, needs_grad, tokens_per_chunk
+from .linear import linear_attention_core, needs_grad, over_chunks, tokens_per_chunk
 from .registry import Kernel, get_kernel
 
 Tensor = torch.Tensor
@@ -83,23 +83,6 @@ def _cast_params(params: dict, dtype: torch.dtype) -> dict:
     return {n: p.to(dtype) if isinstance(p, torch.Tensor) else p for n, p in params.items()}
 
 
-def _over_chunks(fn, n: int, chunk: int, out_shape: tuple[int, ...], like: Tensor, grad: bool) -> Tensor:
-    """Concatenate ``fn(s, e)`` for token ranges [s, e) of length ``chunk`` along dim -2.
-
-    Without autograd the results go straight into one preallocated output: freed chunk
-    temporaries are then reused instead of fragmenting the heap behind a growing list.
-    """
-    ranges = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    if len(ranges) == 1:
-        return fn(*ranges[0])
-    if grad:
-        return torch.cat([fn(s, e) for s, e in ranges], dim=-2)
-    out = like.new_empty(out_shape)
-    for s, e in ranges:
-        out[..., s:e, :] = fn(s, e)
-    return out
-
-
 def feature_map(x: Tensor, kernel: str | Kernel, role: str = "q", n_keys: int | None = None,
                 **params) -> Tensor:
     """The full feature map φ(x) = [ψ(x), const], (B, H, T, d) → (B, H, T, D).
@@ -164,7 +147,7 @@ def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: flo
         return (w @ v) * scale
 
     grad = needs_grad(q, k, v, *params.values())
-    return _over_chunks(lambda s, t: query_chunk(q[..., s:t, :]), N, chunk, (B, H, N, v.shape[-1]), q, grad)
+    return over_chunks(lambda s, t, _: query_chunk(q[..., s:t, :]), N, chunk, (B, H, N, v.shape[-1]), q, grad)
 
 
 def choose_impl(kernel: str | Kernel, n_queries: int, n_keys: int, d: int, e: int, **params) -> str:

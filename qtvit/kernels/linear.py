@@ -49,6 +49,29 @@ def balanced(n: int, chunk: int) -> int:
     return -(-n // parts)
 
 
+def over_chunks(fn, n: int, chunk: int, out_shape: tuple[int, ...], like: Tensor, grad: bool,
+                dim: int = -2) -> Tensor:
+    """Assemble ``fn(s, t, out)`` for token ranges [s, t) of length ``chunk`` along ``dim``.
+
+    With autograd the pieces are concatenated. Without, they go straight into one preallocated
+    output: ``out`` is its slice, which ``fn`` may write (``torch.div(..., out=out)``) or ignore
+    (the result is copied in). Freed chunk temporaries are then reused instead of fragmenting
+    the heap behind a growing list.
+    """
+    ranges = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    if len(ranges) == 1:
+        return fn(0, n, None)
+    if grad:
+        return torch.cat([fn(s, t, None) for s, t in ranges], dim=dim)
+    out = like.new_empty(out_shape)
+    for s, t in ranges:
+        dst = out.narrow(dim, s, t - s)
+        piece = fn(s, t, dst)
+        if piece.data_ptr() != dst.data_ptr():
+            dst.copy_(piece)
+    return out
+
+
 def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
@@ -143,16 +166,8 @@ def linear_attention_core(q: Tensor, k: Tensor, v: Tensor,
             return checkpoint(query_block, *args, use_reentrant=False)
         return query_block(*args, out=out)
 
-    ranges = [(s, min(s + chunk, N)) for s in range(0, N, chunk)]
-    if len(ranges) == 1:
-        out_t = block(0, N)
-    elif grad:
-        out_t = torch.cat([block(s, t) for s, t in ranges], dim=-1)
-    else:  # one preallocated output: freed chunk temporaries are reused, the heap stays compact
-        out_t = q.new_empty(B, H, e, N)
-        for s, t in ranges:
-            block(s, t, out=out_t[..., s:t])
-    return out_t.transpose(-1, -2)
+    return over_chunks(block, N, chunk, (B, H, e, N), q, grad, dim=-1).transpose(-1, -2)
 
 
-__all__ = ["CHUNK_BYTES", "MIN_CHUNK_TOKENS", "linear_attention_core", "needs_grad", "tokens_per_chunk"]
+__all__ = ["CHUNK_BYTES", "MIN_CHUNK_TOKENS", "linear_attention_core", "needs_grad", "over_chunks",
+           "tokens_per_chunk"]
