@@ -288,3 +288,46 @@ def test_quick_config_is_small():
     variants = build_variants(QUICK)
     assert len(variants) <= 3 and len(QUICK.tokens) * len(QUICK.head_dims) <= 3
     assert QUICK.max_seconds <= 60 and QUICK.ratio_tokens[0] in QUICK.tokens
+
+
+def test_compiled_variants_each_get_their_own_graph():
+    """More variants than dynamo's default recompile limit (8): none may fall back to eager."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    config = AttentionBenchConfig(impls=("linear",), tokens=(32,), head_dims=(8,), heads=1, repeats=2,
+                                  min_repeats=1, min_sample_seconds=1e-4, variant_seconds=0.01,
+                                  measure_memory=False, compile=True, compile_backend="eager",
+                                  progress=False)
+    doc = run_attention_benchmark(config)
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    assert len(ok) == len(doc["config"]["variants"]) > 8
+    assert all(r["compile_seconds"] > 0 for r in ok)
+    assert counters["stats"]["unique_graphs"] >= len(ok)
+
+
+def test_a_variant_that_fails_to_compile_is_an_error_row(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    config = AttentionBenchConfig(kernels=("relu",), impls=("linear",), tokens=(32,), head_dims=(8,),
+                                  heads=1, repeats=2, measure_memory=False, compile=True, progress=False)
+    (entry,) = run_attention_benchmark(config)["results"]
+    assert entry["status"] == "error" and "no C++ compiler found" in entry["reason"]
+
+
+@pytest.mark.skipif(not any(map(__import__("shutil").which, ("c++", "g++"))),
+                    reason="inductor needs a C++ compiler on CPU")
+def test_cli_compile_times_inductor_code(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "attention", "--quick", "--compile", "--system-malloc", "--no-progress", "--tokens",
+               "64", "--head-dims", "8", "--heads", "1", "--repeats", "2", "--output", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["compile"] is True and doc["config"]["compile_backend"] == "inductor"
+    assert {r["status"] for r in doc["results"]} == {"ok"}
+    assert all(r["compile_seconds"] > 0 for r in doc["results"])
+    assert "torch.compile (inductor)" in capsys.readouterr().out

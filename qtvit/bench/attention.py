@@ -9,6 +9,10 @@ seed) go through every *variant*:
     baseline. ``softmax/dense`` runs that same function through ``qtvit.attention``, so it is
     measured only when ``sdpa`` is not.
 Forward only under ``torch.no_grad()`` by default; ``backward=True`` times forward + backward.
+``compile=True`` (``--compile``) times every variant through ``torch.compile`` (inductor, static
+shapes; compiled once per config before the warm-up, the seconds recorded as ``compile_seconds``):
+what a fused kernel can do for the element-wise parts of each path (eager PyTorch runs the qt
+map's row norms as separate reductions, see docs/RESULTS.md).
 Timing and memory protocols: :mod:`qtvit.bench.timing`; allocator settings: :mod:`qtvit.bench.env`.
 
 Budgets keep the default sweep to minutes on a 2-core CPU. Every variant not run is recorded
@@ -31,6 +35,7 @@ settings, variant list, protocols), ``results`` (one entry per variant, d and N)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -77,6 +82,8 @@ class AttentionBenchConfig:
     dtype: str = "float32"
     device: str = "cpu"
     backward: bool = False
+    compile: bool = False  # torch.compile every variant (module docstring)
+    compile_backend: str = "inductor"  # torch.compile's backend ("eager" only traces: tests)
     warmup: int = 1
     repeats: int = 10
     # a variant whose `repeats` samples would take longer than `variant_seconds` gets fewer,
@@ -129,6 +136,9 @@ class AttentionBenchConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.compile and self.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+            raise ValueError(f"compile_backend {self.compile_backend!r} unknown; torch.compile has "
+                             f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} not supported; choose from {', '.join(DTYPES)}")
         device = _parse_device(self.device)
@@ -186,14 +196,23 @@ def build_variants(config: AttentionBenchConfig) -> list[Variant]:
 
 
 def _make_call(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               grad_out: torch.Tensor | None) -> Callable[[], object]:
-    """Zero-argument function doing one forward (or forward + backward when ``grad_out`` is given)."""
+               grad_out: torch.Tensor | None, compile: str | None = None) -> Callable[[], object]:
+    """Zero-argument function doing one forward (or forward + backward when ``grad_out`` is given).
+
+    With ``compile`` (a torch.compile backend) the attention call goes through ``torch.compile``
+    (one graph, static shapes); the first call compiles.
+    """
     if variant.impl == "sdpa":
-        def forward() -> torch.Tensor:
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v)
     else:
-        def forward() -> torch.Tensor:
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return kernel_attention(q, k, v, variant.kernel, impl=variant.impl)
+    if compile:
+        attend = torch.compile(attend, backend=compile, fullgraph=True, dynamic=False)
+
+    def forward() -> torch.Tensor:
+        return attend(q, k, v)
     if grad_out is None:
         return forward
 
@@ -201,6 +220,22 @@ def _make_call(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         q.grad = k.grad = v.grad = None
         forward().backward(grad_out)
     return forward_backward
+
+
+def _compile_calls(calls: dict[str, Callable[[], object]], progress: _Progress
+                   ) -> tuple[dict[str, float], dict[str, BaseException]]:
+    """Run each compiled call once (the compilation): seconds per variant, and the failures."""
+    seconds, errors = {}, {}
+    for name, call in calls.items():
+        progress.phase(f"compiling {name}")
+        start = time.perf_counter()
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001  (inductor raises many types: recorded per variant)
+            errors[name] = err
+        else:
+            seconds[name] = round(time.perf_counter() - start, 3)
+    return seconds, errors
 
 
 @dataclass
@@ -405,14 +440,21 @@ def _run_config(config: AttentionBenchConfig, variants: list[Variant], d: int, n
         q, k, v = (torch.randn(shape, generator=generator).to(device, dtype).requires_grad_(config.backward)
                    for _ in range(3))
         grad_out = torch.randn(shape, generator=generator).to(device, dtype) if config.backward else None
-        calls = {var.name: _make_call(var, q, k, v, grad_out) for var in active}
-        with torch.set_grad_enabled(config.backward):
+        backend = config.compile_backend if config.compile else None
+        calls = {var.name: _make_call(var, q, k, v, grad_out, backend) for var in active}
+        compile_seconds: dict[str, float] = {}
+        compile_errors: dict[str, BaseException] = {}
+        with torch.set_grad_enabled(config.backward), _compile_scope(config.compile, len(active)):
+            if config.compile:
+                compile_seconds, compile_errors = _compile_calls(calls, progress)
+                calls = {name: call for name, call in calls.items() if name not in compile_errors}
             timed = time_interleaved(
                 calls, device=device, warmup=config.warmup, repeats=config.repeats,
                 min_repeats=config.min_repeats, min_sample_seconds=config.min_sample_seconds,
                 variant_seconds=config.variant_seconds, max_call_seconds=config.max_call_seconds,
                 deadline=deadline, extra_calls=int(config.measure_memory), on_progress=progress.phase)
             samples, errors = timed.samples, timed.errors
+            errors.update(compile_errors)
             peaks: dict[str, int | None] = {}
             progress.phase("memory")
             for name in samples:
@@ -439,9 +481,32 @@ def _run_config(config: AttentionBenchConfig, variants: list[Variant], d: int, n
             entries[var.name] = {"variant": var.name, "kernel": var.kernel, "impl": var.impl,
                                  "head_dim": d, "tokens": n, "status": "ok", **stats,
                                  "peak_mb": None if peak is None else peak / MiB}
+            if var.name in compile_seconds:
+                entries[var.name]["compile_seconds"] = compile_seconds[var.name]
             previous[key] = _Previous(n, seconds=stats["median_ms"] / 1e3, peak_bytes=peak)
         del q, k, v, grad_out, calls
     return [entries[v.name] for v in variants]
+
+
+@contextlib.contextmanager
+def _compile_scope(enabled: bool, variants: int):
+    """Fresh torch.compile caches for one config, with room for every variant's graph.
+
+    All variants share one Python function (``attend``), and dynamo stops compiling a function
+    after ``recompile_limit`` different graphs, falling back to eager: the limit must exceed
+    the number of variants, and each config (new shapes) starts from a clean cache.
+    """
+    if not enabled:
+        yield
+        return
+    import torch._dynamo
+
+    torch.compiler.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=max(8, variants + 1)):
+            yield
+    finally:
+        torch.compiler.reset()
 
 
 # ------------------------------------------------------------------------------------ ratios
@@ -500,6 +565,8 @@ def format_header(doc: dict) -> list[str]:
     """The environment and settings as readable lines."""
     cfg = doc["config"]
     mode = "forward + backward" if cfg["backward"] else "forward only (no_grad)"
+    if cfg.get("compile"):
+        mode += ", torch.compile (inductor)"
     load = doc["env"].get("load_start")
     load_line = [f"  machine load at the start: {bench_env.format_load(load)}"] if load else []
     return ["qtvit bench attention", *(f"  {line}" for line in bench_env.format_environment(doc["env"])),
@@ -574,6 +641,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, help=f"timed samples per variant (default {d.repeats})")
     p.add_argument("--warmup", type=int, help=f"warm-up calls per variant (default {d.warmup})")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every variant (compiled before the warm-up; compile time in the JSON)")
     p.add_argument("--max-seconds", type=float, help=f"budget for the whole run (default {d.max_seconds:g})")
     p.add_argument("--max-call-seconds", type=float,
                    help="skip a variant predicted slower than this per call "
@@ -650,7 +719,8 @@ def config_from_args(args: argparse.Namespace) -> AttentionBenchConfig:
     return bench_env.config_from_flags(
         base, args, ("batch", "heads", "dtype", "device", "threads", "repeats", "warmup", "max_seconds",
                      "max_call_seconds", "max_dense_tokens"),
-        **over, backward=args.backward or base.backward, measure_memory=not args.no_memory)
+        **over, backward=args.backward or base.backward, compile=args.compile or base.compile,
+        measure_memory=not args.no_memory)
 
 
 def run(args: argparse.Namespace) -> int:

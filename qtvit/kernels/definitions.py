@@ -362,11 +362,17 @@ register_kernel(Kernel(
 ))
 
 
-@lru_cache(maxsize=64)
+_RANDOM_PAIRS: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile: a constant of (d, seed), not traced
 def random_product_pairs(d: int, seed: int) -> tuple[Tensor, Tensor]:
     """The d products x_a·x_b (a, b in [0, d)) that ``taylor2_random`` keeps, fixed by ``seed``."""
-    picked = torch.randperm(d * d, generator=torch.Generator().manual_seed(int(seed)))[:d]
-    return picked // d, picked % d
+    key = (int(d), int(seed))
+    if key not in _RANDOM_PAIRS:
+        picked = torch.randperm(d * d, generator=torch.Generator().manual_seed(key[1]))[:d]
+        _RANDOM_PAIRS[key] = (picked // d, picked % d)
+    return _RANDOM_PAIRS[key]
 
 
 def _taylor2_random_pairwise(q: Tensor, k: Tensor, seed: int) -> Tensor:

@@ -53,15 +53,16 @@ def over_chunks(fn, n: int, chunk: int, out_shape: tuple[int, ...], like: Tensor
                 dim: int = -2) -> Tensor:
     """Assemble ``fn(s, t, out)`` for token ranges [s, t) of length ``chunk`` along ``dim``.
 
-    With autograd the pieces are concatenated. Without, they go straight into one preallocated
-    output: ``out`` is its slice, which ``fn`` may write (``torch.div(..., out=out)``) or ignore
-    (the result is copied in). Freed chunk temporaries are then reused instead of fragmenting
-    the heap behind a growing list.
+    With autograd, or under ``torch.compile`` (which cannot trace ``out=`` into a strided slice
+    and plans the buffers itself), the pieces are concatenated. Otherwise they go straight into one
+    preallocated output: ``out`` is its slice, which ``fn`` may write
+    (``torch.div(..., out=out)``) or ignore (the result is copied in). Freed chunk temporaries
+    are then reused instead of fragmenting the heap behind a growing list.
     """
     ranges = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     if len(ranges) == 1:
         return fn(0, n, None)
-    if grad:
+    if grad or torch.compiler.is_compiling():
         return torch.cat([fn(s, t, None) for s, t in ranges], dim=dim)
     out = like.new_empty(out_shape)
     for s, t in ranges:
