@@ -89,3 +89,17 @@ def test_qt_vit_traces_as_one_graph_at_any_resolution():
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_qt_under_autocast_matches_eager_and_is_finite(dtype):
+    q, k, v = (1e4 * t for t in _inputs(n=64))
+
+    def fn(q, k, v):
+        with torch.autocast("cpu", dtype=dtype):
+            return qtvit.attention(q.to(dtype), k.to(dtype), v.to(dtype), "qt", impl="linear")
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    got, want = compiled(q, k, v), fn(q, k, v)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
