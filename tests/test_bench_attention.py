@@ -331,3 +331,21 @@ def test_cli_compile_times_inductor_code(tmp_path, capsys):
     assert {r["status"] for r in doc["results"]} == {"ok"}
     assert all(r["compile_seconds"] > 0 for r in doc["results"])
     assert "torch.compile (inductor)" in capsys.readouterr().out
+
+
+def test_compile_scope_lifts_dynamo_recompile_limit():
+    """12 shapes of one function: 12 graphs inside the scope; dynamo's default stops at 8."""
+    from torch._dynamo.utils import counters
+
+    def graphs_compiled(enabled: bool) -> int:
+        torch.compiler.reset()
+        counters.clear()
+        with bench_env.compile_scope(enabled, graphs=12):
+            f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+            for n in range(1, 13):
+                assert torch.equal(f(torch.ones(n)), torch.full((n,), 2.0))
+        return counters["stats"]["unique_graphs"]
+
+    assert graphs_compiled(True) == 12
+    assert graphs_compiled(False) <= 8  # the rest ran eagerly: what the scope prevents
+    torch.compiler.reset()

@@ -35,7 +35,6 @@ settings, variant list, protocols), ``results`` (one entry per variant, d and N)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -444,7 +443,7 @@ def _run_config(config: AttentionBenchConfig, variants: list[Variant], d: int, n
         calls = {var.name: _make_call(var, q, k, v, grad_out, backend) for var in active}
         compile_seconds: dict[str, float] = {}
         compile_errors: dict[str, BaseException] = {}
-        with torch.set_grad_enabled(config.backward), _compile_scope(config.compile, len(active)):
+        with torch.set_grad_enabled(config.backward), bench_env.compile_scope(config.compile, len(active)):
             if config.compile:
                 compile_seconds, compile_errors = _compile_calls(calls, progress)
                 calls = {name: call for name, call in calls.items() if name not in compile_errors}
@@ -486,27 +485,6 @@ def _run_config(config: AttentionBenchConfig, variants: list[Variant], d: int, n
             previous[key] = _Previous(n, seconds=stats["median_ms"] / 1e3, peak_bytes=peak)
         del q, k, v, grad_out, calls
     return [entries[v.name] for v in variants]
-
-
-@contextlib.contextmanager
-def _compile_scope(enabled: bool, variants: int):
-    """Fresh torch.compile caches for one config, with room for every variant's graph.
-
-    All variants share one Python function (``attend``), and dynamo stops compiling a function
-    after ``recompile_limit`` different graphs, falling back to eager: the limit must exceed
-    the number of variants, and each config (new shapes) starts from a clean cache.
-    """
-    if not enabled:
-        yield
-        return
-    import torch._dynamo
-
-    torch.compiler.reset()
-    try:
-        with torch._dynamo.config.patch(recompile_limit=max(8, variants + 1)):
-            yield
-    finally:
-        torch.compiler.reset()
 
 
 # ------------------------------------------------------------------------------------ ratios

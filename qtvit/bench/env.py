@@ -15,12 +15,13 @@ steady state). glibc reads them only at start-up, so the benchmark re-runs itsel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -259,3 +260,26 @@ def config_from_flags(base, args: argparse.Namespace, flags: Sequence[str], **ex
     except ValueError as err:
         raise QtvitError(f"bad setting: {err}") from None
     return config
+
+
+@contextlib.contextmanager
+def compile_scope(enabled: bool, graphs: int) -> Iterator[None]:
+    """Fresh torch.compile caches for one benchmark step, with room for ``graphs`` graphs.
+
+    Benchmarked variants share Python functions (one ``attend`` closure; one model class whose
+    qt/relu/softmax twins differ only in their modules), and dynamo stops compiling a function
+    after ``recompile_limit`` (8) graphs and silently runs it eagerly from then on: the limit
+    must cover every variant, shape and grad mode measured in the step.
+    """
+    if not enabled:
+        yield
+        return
+    import torch._dynamo
+
+    torch.compiler.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=max(8, graphs + 1)):
+            yield
+    finally:
+        torch.compiler.reset()
+

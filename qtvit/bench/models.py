@@ -697,14 +697,18 @@ def run_models_benchmark(config: ModelBenchConfig | None = None, echo: Echo | No
     deadline = start + config.max_seconds
     with frozen_gc():
         for name in config.models:
-            bench = _ModelBench(config, model_variants(name, config.variants), device, meter)
-            try:
-                doc["models"].append(bench.describe())
-                doc["results"] += bench.run_main(deadline)
-                if config.sweep:
-                    doc["sweep"] += bench.run_sweep()
-            finally:
-                bench.close()
+            specs = model_variants(name, config.variants)
+            # each variant × size × mode (batch 1, batch N, train step) may be its own graph
+            graphs = len(specs) * 3 * (len(config.resolutions) + len(config.sweep_sizes) * config.sweep)
+            with bench_env.compile_scope(config.compile, graphs):
+                bench = _ModelBench(config, specs, device, meter)
+                try:
+                    doc["models"].append(bench.describe())
+                    doc["results"] += bench.run_main(deadline)
+                    if config.sweep:
+                        doc["sweep"] += bench.run_sweep()
+                finally:
+                    bench.close()
             doc["ratios"] = compute_ratios(doc, config)
             doc["elapsed_seconds"] = round(time.perf_counter() - start, 2)
             if checkpoint is not None:
