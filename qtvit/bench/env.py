@@ -282,4 +282,3 @@ def compile_scope(enabled: bool, graphs: int) -> Iterator[None]:
             yield
     finally:
         torch.compiler.reset()
-
