@@ -82,10 +82,12 @@ def test_inductor_matches_eager_forward_and_backward(name, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_qt_vit_traces_as_one_graph_at_any_resolution():
-    """The APE resize, LiteMLA's layouts and the shortcut: no graph break, same logits."""
-    model = qtvit.create_model("qtvit_b0").eval()
-    x = torch.randn(1, 3, 160, 192)
+@pytest.mark.parametrize(("name", "size"), [("qtvit_b0", (160, 192)), ("qtvit_vit_micro", (96, 96))])
+def test_models_trace_as_one_graph(name, size):
+    """QT-ViT (APE resize, LiteMLA's layouts, the shortcut) and the plain ViT: same logits, no break."""
+    model = qtvit.create_model(name, img_size=size[0]).eval() if "vit_" in name else \
+        qtvit.create_model(name).eval()
+    x = torch.randn(1, 3, *size)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
