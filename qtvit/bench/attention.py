@@ -544,7 +544,7 @@ def format_header(doc: dict) -> list[str]:
     cfg = doc["config"]
     mode = "forward + backward" if cfg["backward"] else "forward only (no_grad)"
     if cfg.get("compile"):
-        mode += ", torch.compile (inductor)"
+        mode += f", torch.compile ({cfg.get('compile_backend', 'inductor')})"
     load = doc["env"].get("load_start")
     load_line = [f"  machine load at the start: {bench_env.format_load(load)}"] if load else []
     return ["qtvit bench attention", *(f"  {line}" for line in bench_env.format_environment(doc["env"])),
