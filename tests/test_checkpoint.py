@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import qtvit
 from qtvit import cli
+from qtvit.errors import QtvitError
 from qtvit.models import checkpoint as ckpt
 from qtvit.models.checkpoint import (
     CheckpointError,
@@ -30,6 +31,7 @@ from qtvit.models.checkpoint import (
     read_state_dict,
     save_state_dict,
 )
+from qtvit.train.evaluate import classifier_prefixes, load_weights
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_qtvit_b1.json"
 EVIT = dict(kernel="relu", ape=False, shortcut=False)  # plain EfficientViT
@@ -235,6 +237,66 @@ def test_other_number_of_classes(b0):
         report = load_checkpoint(model, b0.state_dict(), strict=False)
     assert [k for k, _, _ in report.mismatched] == ["head.classifier.4.weight", "head.classifier.4.bias"]
     assert torch.equal(model.head.in_conv.conv.weight, b0.head.in_conv.conv.weight)
+
+
+def _smallest_model_per_family() -> list[str]:
+    """For every model class in the registry, its registered model with the fewest parameters."""
+    best: dict[type, tuple[int, str]] = {}
+    for name in qtvit.list_models():
+        with torch.device("meta"):
+            family = type(qtvit.create_model(name))
+        params = qtvit.get_model_card(name).params
+        if family not in best or params < best[family][0]:
+            best[family] = (params, name)
+    return [name for _, name in best.values()]
+
+
+FAMILIES = _smallest_model_per_family()
+
+
+def test_every_family_is_covered():
+    assert {"qtvit_b0", "qtvit_vit_micro"} <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fine_tune_onto_a_new_class_count(name, tmp_path):
+    """A 1000-class checkpoint initialises a 7-class model: backbone loaded, classifier left fresh.
+
+    The classifier is found through the model's ``pretrained_cfg["classifier"]`` (an EfficientViT's
+    ``head.classifier.4``, a ViT's ``head``), as the trainer's ``model.init_checkpoint`` does."""
+    source = randomized(name, seed=5)
+    path = tmp_path / "imagenet.pt"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(11)
+    fresh = qtvit.create_model(name, num_classes=7).state_dict()
+    torch.manual_seed(11)  # the same initial weights as ``fresh``
+    model = qtvit.create_model(name, num_classes=7)
+    load_weights(model, path, new_classifier_ok=True)
+
+    prefixes = classifier_prefixes(model)
+    assert prefixes == (model.pretrained_cfg["classifier"] + ".",)
+    loaded, src = model.state_dict(), source.state_dict()
+    head = [k for k in loaded if k.startswith(prefixes)]
+    assert head and all(loaded[k].shape[0] == 7 for k in head)
+    for key, value in loaded.items():
+        if key in head:
+            assert torch.equal(value, fresh[key]), f"{key}: the new classifier was overwritten"
+        else:
+            assert torch.equal(value, src[key]), f"{key}: not loaded from the checkpoint"
+    assert not torch.equal(loaded[head[0]], src[head[0]][:7])
+    size = model.pretrained_cfg["input_size"][-1]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, size, size)).shape == (1, 7)
+
+    # without the flag the same checkpoint is refused with one line naming the model
+    with pytest.raises(QtvitError, match=r"does not fit the model|holds .* weights"):
+        load_weights(qtvit.create_model(name, num_classes=7), path)
+
+
+def test_new_classifier_ok_refuses_backbone_conflicts(b0):
+    other = qtvit.create_model("qtvit_b0", num_classes=7, **EVIT)  # no QT keys: not a head-only conflict
+    with pytest.raises(QtvitError):
+        load_weights(other, b0.state_dict(), new_classifier_ok=True)
 
 
 def test_wrong_model_names_both(b0):

@@ -50,13 +50,31 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of ``model``'s final classifier(s), e.g. ``("head.classifier.4.",)``.
+
+    Read from ``pretrained_cfg["classifier"]`` (timm's convention: a module name or a tuple of
+    them; an EfficientViT's ``head.classifier.4``, a ViT's ``head``), else from the module that
+    ``get_classifier()`` returns. Empty when the model names neither.
+    """
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    if isinstance(names, str):
+        names = (names,)
+    if not names and hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        names = tuple(n for n, m in model.named_modules() if m is head and n)
+    return tuple(f"{n}." for n in names)
+
+
 def load_weights(model: nn.Module, source, *, use_ema: bool = False, trust_pickle: bool = False,
                  new_classifier_ok: bool = False) -> None:
     """Load ``source`` (path or state dict, any layout) into ``model`` strictly.
 
     A checkpoint of another model raises a one-line QtvitError naming it (the key listing is in
-    the error's ``report``). With ``new_classifier_ok`` (fine-tuning on other classes) a
-    checkpoint that differs only in the classifier loads everything else.
+    the error's ``report``). With ``new_classifier_ok`` (fine-tuning on another class count) a
+    checkpoint whose only conflicts are the classifier's shapes (found through
+    :func:`classifier_prefixes`) loads everything else and leaves the model's classifier as it was
+    initialised.
     """
     from ..models.checkpoint import CheckpointMismatchError, load_checkpoint
 
@@ -64,8 +82,9 @@ def load_weights(model: nn.Module, source, *, use_ema: bool = False, trust_pickl
         load_checkpoint(model, source, trust_pickle=trust_pickle, use_ema=use_ema)
     except CheckpointMismatchError as err:
         report = err.report
-        head = [k for k, _, _ in report.mismatched if "classifier" in k or k.startswith(("head.fc.", "fc."))]
-        classifier_only = bool(head) and len(head) == len(report.mismatched) and not (
+        prefixes = classifier_prefixes(model)
+        classifier_only = bool(prefixes) and bool(report.mismatched) and all(
+            key.startswith(prefixes) for key, _, _ in report.mismatched) and not (
             report.missing or report.unexpected)
         if new_classifier_ok and classifier_only:
             import warnings
