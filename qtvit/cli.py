@@ -60,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("QTVIT_DEBUG") == "1"
     try:
         result = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+    except BrokenPipeError:
+        # The reader stopped early (``qtvit models | head -1``): finish quietly, as Unix tools do.
+        # Later flushes (at exit) go to devnull instead of raising a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("qtvit: interrupted", file=sys.stderr)
         return 130

@@ -5,7 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
+import shlex
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -149,7 +153,6 @@ def test_official_fixture_logits():
 
 
 def test_official_fixture_through_the_converter():
-    pytest.importorskip("qtvit.models.checkpoint")
     fx = json.loads(FIXTURE.read_text())
     model = qtvit.create_model("qtvit_1", checkpoint=fixture_state(fx["keys"])).eval()
     check_fixture_outputs(model, fx["outputs"])
@@ -497,3 +500,21 @@ def test_models_cli(capsys):
     assert "79.6" in out and "0.52G" in out and "qtvit_l1" not in out
     assert main(["models", "qtvit_l3", "--recount"]) == 0
     assert "246,840,624" in capsys.readouterr().out.split("\n")[1].split("QT-ViT-6")[1]
+
+
+def test_models_cli_into_a_closed_pipe():
+    """``qtvit models | head -1`` ends quietly: exit status 0 and no BrokenPipeError traceback."""
+    piped = subprocess.run(f"{shlex.quote(sys.executable)} -m qtvit models | head -1", shell=True,
+                           capture_output=True, text=True, timeout=120)
+    lines = piped.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].split()[0] == "model"  # the table's header line
+    assert piped.stderr == ""
+    # A reader that has already gone makes the first write fail every time (a race with ``head``).
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        gone = subprocess.run([sys.executable, "-m", "qtvit", "models"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (gone.returncode, gone.stderr) == (0, "")
