@@ -12,6 +12,7 @@ import torch.nn as nn
 from test_train_support import TINY_MODEL
 
 from qtvit.data.sampling import GlobalBatchSampler, sample_seed, step_size
+from qtvit.errors import QtvitError
 from qtvit.train.bn import reestimate_bn
 from qtvit.train.config import load_config
 from qtvit.train.ema import WarmupEma, ema_decay
@@ -112,22 +113,52 @@ def test_sampler_resumes_mid_epoch_and_caps_steps():
     assert len(list(GlobalBatchSampler(40, 4, seed=5, max_steps=2))) == 2
 
 
-def test_optimizer_groups_exclude_norms_biases_apes_and_kernel_scalars(tmp_path):
+def _decay_groups(trainer) -> tuple[list[str], list[str]]:
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    groups = {g["weight_decay"]: [names[id(p)] for p in g["params"]] for g in trainer.optimizer.param_groups}
+    assert set(groups) == {0.0, 0.1}
+    assert len(groups[0.0]) + len(groups[0.1]) == len(names)  # every parameter in exactly one group
+    return groups[0.1], groups[0.0]
+
+
+def test_weight_decay_follows_the_authors_rule_by_default(tmp_path):
+    """Released recipe: all but biases and norm layers, so APE, const and the shortcut BN weight decay."""
     from test_train_support import TINY_RUN
 
     from qtvit.train.trainer import Trainer
 
     trainer = Trainer(load_config(None, TINY_RUN + ["train.epochs=1"]), tmp_path / "r")
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
-    groups = {g["weight_decay"]: [names[id(p)] for p in g["params"]] for g in trainer.optimizer.param_groups}
-    assert set(groups) == {0.0, 0.1}
-    no_decay, decay = groups[0.0], groups[0.1]
-    assert any(n.endswith(".ape") for n in no_decay) and any("kernel_params.const" in n for n in no_decay)
+    decay, no_decay = _decay_groups(trainer)
+    assert any(n.endswith(".ape") for n in decay) and any("kernel_params.const" in n for n in decay)
+    assert any(n.endswith("v_norm.weight") for n in decay)
+    assert any(n.endswith("v_norm.bias") for n in no_decay)
+    modules = dict(trainer.model.named_modules())
+    for n in no_decay:
+        owner = modules[n.rsplit(".", 1)[0]]
+        assert n.endswith(".bias") or "Norm" in type(owner).__name__, n
     for n in decay:
-        p = dict(trainer.model.named_parameters())[n]
-        assert p.ndim >= 2 and not n.endswith(".ape"), n
-    assert len(no_decay) + len(decay) == len(names)
+        assert not n.endswith(".bias") and (n.endswith("v_norm.weight") or "Norm" not in
+                                            type(modules[n.rsplit(".", 1)[0]]).__name__), n
     assert trainer.optimizer.defaults["betas"] == (0.9, 0.999)
+
+
+def test_timm_decay_rule_excludes_norms_biases_apes_and_kernel_scalars(tmp_path):
+    from test_train_support import TINY_RUN
+
+    from qtvit.train.trainer import Trainer
+
+    cfg = load_config(None, TINY_RUN + ["train.epochs=1", "optim.decay_rule=timm"])
+    trainer = Trainer(cfg, tmp_path / "r")
+    decay, no_decay = _decay_groups(trainer)
+    assert any(n.endswith(".ape") for n in no_decay) and any("kernel_params.const" in n for n in no_decay)
+    params = dict(trainer.model.named_parameters())
+    for n in decay:
+        assert params[n].ndim >= 2 and not n.endswith(".ape"), n
+
+
+def test_unknown_decay_rule_is_a_one_line_error():
+    with pytest.raises(QtvitError, match="optim.decay_rule='none' is not valid; choose from authors, timm"):
+        load_config(None, ["optim.decay_rule=none"])
 
 
 def test_lr_scales_with_the_global_batch(tmp_path):

@@ -82,7 +82,7 @@ def test_non_finite_loss_skips_then_stops_with_checkpoint_intact(tmp_path, capsy
     before = last.read_bytes()
     trainer = make_trainer(tmp_path / "r", resume=True)
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    loss_fn = trainer.loss_fn
+    loss_fn = trainer.task.loss_fn
     calls = {"n": 0}
 
     def nan_after_one(out, target):
@@ -90,7 +90,7 @@ def test_non_finite_loss_skips_then_stops_with_checkpoint_intact(tmp_path, capsy
         loss = loss_fn(out, target)
         return loss if calls["n"] == 1 else loss * float("nan")
 
-    trainer.loss_fn = nan_after_one
+    trainer.task.loss_fn = nan_after_one
     expected = r"3 consecutive steps.*last good checkpoint .*last.pt is untouched"
     with pytest.raises(NonFiniteLossError, match=expected):
         trainer.fit()
@@ -128,14 +128,14 @@ def test_grad_accumulation_matches_the_large_batch(tmp_path):
 
 def test_ema_self_distillation_starts_at_its_fraction_of_training(tmp_path):
     trainer = make_trainer(tmp_path / "r", "train.distill_ratio=2.0", "train.distill_start=0.5")
-    distill_fn, calls = trainer.distill_fn, []
+    distill_fn, calls = trainer.task.distill_fn, []
 
     def spy(out, target):
         calls.append(trainer.global_step)
         assert target.min() >= 0 and target.max() <= 1  # sigmoid of the EMA's logits
         return distill_fn(out, target)
 
-    trainer.distill_fn = spy
+    trainer.task.distill_fn = spy
     trainer.fit()
     assert calls == list(range(8, 16))  # 2 epochs × 8 steps; from 50% of the 16 steps on
 

@@ -1,6 +1,9 @@
 """Typed training configuration: dataclasses, YAML recipes with ``_base_`` layering, overrides.
 
-A config has six sections (``model``, ``data``, ``aug``, ``optim``, ``train``, ``run``). The
+A config has six sections (``model``, ``data``, ``aug``, ``optim``, ``train``, ``run``) and names
+its task with a top-level ``task:`` key (default ``classification``; see
+:mod:`qtvit.train.task`). Other tasks use a subclass of :class:`Config` whose ``data``/``aug``
+sections are their own dataclasses (their ``data`` extends :class:`BaseDataConfig`). The
 dataclass defaults are the paper's recipe for QT-ViT-1 (SPEC §5) on ImageNet; the YAML files in
 ``configs/`` restate the recipe per model with the reason for every value. Values can be
 overridden with ``section.key=value`` strings (parsed as YAML: ``aug.train_sizes=[160,224]``,
@@ -14,7 +17,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -46,7 +49,16 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class BaseDataConfig:
+    """Loader settings every task's ``data`` section has (the Trainer reads these)."""
+
+    num_workers: int = 8
+    pin_memory: bool = True
+    max_val_images: int | None = None  # evaluate on a prefix (quick checks); None = all
+
+
+@dataclass
+class DataConfig(BaseDataConfig):
     """Where the images come from.
 
     ``dataset``: ``folder`` (``path`` holds ``train/`` and ``val/`` class folders, or only class
@@ -59,14 +71,11 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     val_fraction: float = 0.1
-    num_workers: int = 8
-    pin_memory: bool = True
     skip_bad_images: bool = False
     demo_image_size: int = 96
     demo_train_size: int = 10_000
     demo_val_size: int = 2_000
     demo_cache: bool = False  # keep rendered demo images in memory (fast epochs, ~12 KB per 64 px image)
-    max_val_images: int | None = None  # evaluate on a prefix (quick checks); None = all
 
 
 @dataclass
@@ -107,7 +116,11 @@ class OptimConfig:
     base_batch: int = 128
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    weight_decay: float = 0.1  # never on norms, biases, APEs or kernel scalars
+    weight_decay: float = 0.1
+    # "authors": decay all but biases and norm layers, so the APE, the kernel constant and the value
+    # shortcut's BN weight are decayed, as in the released recipe; "timm": no decay on any tensor
+    # with <= 1 dim nor on the APEs (qtvit.train.optim).
+    decay_rule: str = "authors"
     sched: str = "cosine"
     warmup_epochs: float = 20
     warmup_lr: float = 0.0
@@ -159,7 +172,9 @@ class RunConfig:
 
 @dataclass
 class Config:
-    """The whole run, as written to ``<run>/config.yaml``."""
+    """The whole run, as written to ``<run>/config.yaml`` (with its ``task`` key)."""
+
+    task: ClassVar[str] = "classification"
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,13 +184,22 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"task": self.task, **asdict(self)}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def check(self) -> None:
+        """Cross-field checks (raise QtvitError naming the value); subclasses extend this."""
+        check_common(self)
+        check_classification(self)
+
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config))
+
+
+def sections(cfg: Config) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cfg))
 
 
 def _check_value(where: str, hint: Any, value: Any) -> Any:
@@ -233,14 +257,14 @@ def _hint_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _check_section(section: str, source: str) -> None:
-    if section not in SECTIONS:
+def _check_section(cfg: Config, section: str, source: str) -> None:
+    if section not in sections(cfg):
         raise QtvitError(f"{source}: unknown config section {section!r}; valid sections: "
-                         f"{', '.join(SECTIONS)}")
+                         f"{', '.join(sections(cfg))}")
 
 
 def _set(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
-    _check_section(section, source)
+    _check_section(cfg, section, source)
     obj = getattr(cfg, section)
     hints = typing.get_type_hints(type(obj))
     if key not in hints:
@@ -252,10 +276,14 @@ def _set(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
 def merge_dict(cfg: Config, data: dict, source: str) -> Config:
     """Apply a nested ``{section: {key: value}}`` mapping to ``cfg`` in place (and return it)."""
     if not isinstance(data, dict):
-        raise QtvitError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), "
+        raise QtvitError(f"{source}: expected a mapping of sections ({', '.join(sections(cfg))}), "
                          f"got {type(data).__name__}")
     for section, values in data.items():
-        _check_section(section, source)
+        if section == "task":
+            if values != cfg.task:
+                raise QtvitError(f"{source}: task {values!r} does not match this {cfg.task} config")
+            continue
+        _check_section(cfg, section, source)
         if values is None:
             continue
         if not isinstance(values, dict):
@@ -318,15 +346,35 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def config_class(task: str | None) -> type[Config]:
+    """The config dataclass of ``task`` (None: classification's :class:`Config`)."""
+    if task is None or task == Config.task:
+        return Config
+    from .task import get_task
+
+    try:
+        cls = get_task(task).config_class
+    except ValueError as err:
+        raise QtvitError(str(err)) from None
+    return cls or Config
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: dict | None = None) -> Config:
-    """Build a :class:`Config`: defaults ← ``base`` mapping ← ``recipe`` YAML ← ``overrides``."""
-    cfg = Config()
-    if base:
-        merge_dict(cfg, base, "saved config")
+                base: dict | None = None, task: str | None = None) -> Config:
+    """Build a config: defaults ← ``base`` mapping ← ``recipe`` YAML ← ``overrides``.
+
+    The config class follows the task: ``task`` if given, else the recipe's (or ``base``'s)
+    top-level ``task:`` key, else classification.
+    """
+    layers = [(dict(base), "saved config")] if base else []
     if recipe is not None:
         path = find_config(str(recipe))
-        merge_dict(cfg, _read_yaml(path.resolve()), str(path))
+        layers.append((_read_yaml(path.resolve()), str(path)))
+    for data, _ in layers:
+        task = task or data.get("task")
+    cfg = config_class(task)()
+    for data, source in layers:
+        merge_dict(cfg, data, source)
     for text in overrides:
         section, key, value = parse_override(text)
         _set(cfg, section, key, value, f"override {text!r}")
@@ -336,10 +384,35 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that one-key type checks cannot make; raise QtvitError naming the value."""
-    t, a, o, d = cfg.train, cfg.aug, cfg.optim, cfg.data
+    cfg.check()
+
+
+def check_classification(cfg: Config) -> None:
+    """Checks of the classification ``data``/``aug`` sections."""
+    t, a, d = cfg.train, cfg.aug, cfg.data
+    if d.dataset not in ("folder", "demo", "fashion_mnist"):
+        raise QtvitError(f"data.dataset={d.dataset!r} is not valid; choose from folder, demo, fashion_mnist")
+    if not a.train_sizes or any(s < 8 for s in a.train_sizes):
+        raise QtvitError(f"aug.train_sizes must list image sizes of at least 8 pixels; got {a.train_sizes}")
+    scale = a.crop_scale
+    if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
+        raise QtvitError(f"aug.crop_scale must be [min, max] with 0 < min <= max <= 1; got {a.crop_scale}")
+    mixup = a.mixup_alpha > 0 or a.cutmix_alpha > 0
+    if mixup and t.batch_size % 2:
+        raise QtvitError(f"train.batch_size={t.batch_size} must be even when mixup/cutmix is on "
+                         "(timm mixes each batch with its reverse)")
+    if not 0 < d.val_fraction < 1:
+        raise QtvitError(f"data.val_fraction must be in (0, 1); got {d.val_fraction}")
+
+
+def check_common(cfg: Config) -> None:
+    """Checks of the sections every task shares (model, optim, train, run)."""
+    t, o = cfg.train, cfg.optim
+    from .optim import DECAY_RULES
+
     choices = {"train.amp": (t.amp, ("none", "bf16", "fp16")),
                "optim.clip_mode": (o.clip_mode, ("value", "norm", "agc")),
-               "data.dataset": (d.dataset, ("folder", "demo", "fashion_mnist"))}
+               "optim.decay_rule": (o.decay_rule, DECAY_RULES)}
     for where, (value, valid) in choices.items():
         if value not in valid:
             raise QtvitError(f"{where}={value!r} is not valid; choose from {', '.join(valid)}")
@@ -349,28 +422,17 @@ def validate(cfg: Config) -> None:
     for where, value in positive.items():
         if value < 1:
             raise QtvitError(f"{where} must be at least 1; got {value}")
-    if not a.train_sizes or any(s < 8 for s in a.train_sizes):
-        raise QtvitError(f"aug.train_sizes must list image sizes of at least 8 pixels; got {a.train_sizes}")
-    scale = a.crop_scale
-    if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
-        raise QtvitError(f"aug.crop_scale must be [min, max] with 0 < min <= max <= 1; got {a.crop_scale}")
     if len(o.betas) != 2:
         raise QtvitError(f"optim.betas must be two numbers; got {o.betas}")
     if not 0 <= o.warmup_epochs < t.epochs:
         raise QtvitError(f"optim.warmup_epochs={o.warmup_epochs} must be in [0, train.epochs={t.epochs})")
-    mixup = a.mixup_alpha > 0 or a.cutmix_alpha > 0
-    if mixup and t.batch_size % 2:
-        raise QtvitError(f"train.batch_size={t.batch_size} must be even when mixup/cutmix is on "
-                         "(timm mixes each batch with its reverse)")
     if not 0 <= t.distill_start <= 1:
         raise QtvitError(f"train.distill_start must be a fraction in [0, 1]; got {t.distill_start}")
     if t.distill_ratio > 0 and not t.ema:
         raise QtvitError("train.distill_ratio > 0 needs train.ema=true (the EMA model is the teacher)")
-    if not 0 < d.val_fraction < 1:
-        raise QtvitError(f"data.val_fraction must be in (0, 1); got {d.val_fraction}")
 
 
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a checkpoint's)."""
-    return merge_dict(Config(), data, "saved config")
+    """Rebuild a config from :meth:`Config.to_dict` output (e.g. a checkpoint's), of its task's class."""
+    return merge_dict(config_class(data.get("task"))(), data, "saved config")
 

@@ -1,10 +1,13 @@
-"""The training loop: one code path from one CPU process to many GPUs on many nodes.
+"""The training loop: one code path for every task, from one CPU process to many GPUs on many nodes.
 
-Per optimizer step: ``accum_steps`` micro-batches (all at the step's resolution) → mixup/cutmix →
-forward under autocast → BCE (+ EMA self-distillation late in training, L models) → backward
-(gradients all-reduced by DDP on the last micro-batch only) → unscale → clip by value → AdamW →
-EMA update with warm-up → per-step schedule. Per epoch: BN re-estimation on training images,
-evaluation, checkpoint (``last.pt``; ``best.pt`` on a new best top-1).
+What differs between tasks (data, model, loss, metrics) comes from a :class:`~qtvit.train.task.Task`
+(classification by default; the recipe's ``task:`` key or ``Trainer(task=...)`` picks another).
+
+Per optimizer step: ``accum_steps`` micro-batches (all at the step's resolution) → the task's
+forward and loss under autocast → backward (gradients all-reduced by DDP on the last micro-batch
+only) → unscale → clip → optimizer → EMA update with warm-up → per-step schedule. Per epoch: BN
+re-estimation on training images (optional), the task's evaluation, checkpoint (``last.pt``;
+``best.pt`` on a new best value of the task's metric).
 
 Robustness: a non-finite loss skips the step with a warning; ``train.max_bad_steps`` in a row stop
 the run, the last checkpoint untouched. SIGTERM/SIGINT finish the step, save ``last.pt`` with the
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -23,6 +27,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +39,10 @@ import torch.nn as nn
 from ..errors import QtvitError
 from . import distributed as du
 from .config import Config
-from .evaluate import autocast, build_model, evaluate, load_weights
+from .evaluate import autocast
 from .metrics import MetricsLogger
 from .state import CHECKPOINT_VERSION, capture_rng, load_training_checkpoint, restore_rng, save_atomic
+from .task import StepContext, Task, get_task
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Files a run writes; --overwrite removes exactly these (never the folder: it may hold the user's files).
@@ -120,13 +126,16 @@ class Trainer:
         overwrite: start over in an existing ``run_dir`` (removes only the files a run writes).
         checkpoint: ``run_dir/last.pt`` already read by :func:`resume_config` (read once, not twice).
         command: the command that resumes this run, for messages (``qtvit train`` or ``qtvit demo``).
+        task: the task class (or any ``(cfg, info) -> Task`` factory); default: the one the
+            config names (``cfg.task``, classification unless the recipe says otherwise).
     """
 
     def __init__(self, cfg: Config, run_dir: str | os.PathLike, resume: bool = False,
                  overwrite: bool = False, checkpoint: dict | None = None,
-                 command: str = "qtvit train") -> None:
+                 command: str = "qtvit train", task: Callable[..., Task] | None = None) -> None:
         self.cfg, self.run_dir, self.resume, self.command = cfg, Path(run_dir), resume, command
         self.info = du.setup(cfg.train.device)
+        self.task: Task = (task or get_task(cfg.task))(cfg, self.info)
         self.main = self.info.is_main
         self.device = self.info.device
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
@@ -143,41 +152,28 @@ class Trainer:
         if resume and ckpt is None:
             ckpt = load_training_checkpoint(self.run_dir / "last.pt")
         self.stop_signal: int | None = None
-        train_base, val_base = self._load_datasets()
-        if ckpt is not None and list(ckpt["classes"]) != list(self.classes):
+        self.classes = list(self.task.load_data(cfg.train.seed))
+        if ckpt is not None and list(ckpt["classes"]) != self.classes:
             raise QtvitError(f"the data's classes differ from the checkpoint's ({len(self.classes)} vs "
                              f"{len(ckpt['classes'])}): resume with the data the run started with")
         self._build_model()
-        self._build_loaders(train_base, val_base)
+        self._build_loaders()
         self._build_optimization()
         # Position (the next step to take) and bookkeeping.
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.best_top1, self.last_metrics = -1.0, {}
+        self.best_metric, self.last_metrics = -math.inf, {}
         rank_rng = self._restore(ckpt) if ckpt is not None else None
         if rank_rng is None:
             # Each rank its own stream for dropout, drop-path and mixup (after the shared init).
             _seed_everything(cfg.train.seed * 1000 + self.info.rank + 1)
 
     # ------------------------------------------------------------------------------------ setup
-    def _load_datasets(self):
-        """The train/val sets of PIL images (sets ``self.classes``)."""
-        from ..data import build_datasets
-
-        d, t = self.cfg.data, self.cfg.train
-        train_base, val_base, self.classes = build_datasets(
-            d.dataset, d.path, train_split=d.train_split, val_split=d.val_split, val_fraction=d.val_fraction,
-            seed=t.seed, demo_image_size=d.demo_image_size, demo_train_size=d.demo_train_size,
-            demo_val_size=d.demo_val_size, demo_cache=d.demo_cache)
-        return train_base, val_base
-
     def _build_model(self) -> None:
         from .ema import WarmupEma
 
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         _seed_everything(t.seed)  # the same initial weights on every rank
-        model = build_model(cfg.model, len(self.classes))
-        if cfg.model.init_checkpoint:
-            load_weights(model, cfg.model.init_checkpoint, new_classifier_ok=True)
+        model = self.task.build_model(len(self.classes))
         if t.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
         model.to(self.device)
@@ -193,32 +189,14 @@ class Trainer:
                 find_unused_parameters=t.find_unused_parameters)
         self.net = torch.compile(net) if t.compile else net
 
-    def _build_loaders(self, train_base, val_base) -> None:
-        """Transforms from the model's pretrained_cfg, the global-batch sampler and the loaders."""
-        from ..data import (
-            AugmentedDataset,
-            GlobalBatchSampler,
-            ShardSampler,
-            TrainAugment,
-            data_config,
-            eval_transform,
-            train_transforms,
-        )
+    def _build_loaders(self) -> None:
+        """The task's datasets, the global-batch sampler (resolution per step) and the loaders."""
+        from ..data import GlobalBatchSampler, ShardSampler
 
-        d, a, t, info = self.cfg.data, self.cfg.aug, self.cfg.train, self.info
-        self.data_cfg = data_config(self.model)
-        self.eval_size = t.eval_size or int(self.data_cfg["input_size"][-1])
-        sizes = list(a.train_sizes) if a.multi_res else [self.eval_size]
-        augment = TrainAugment(
-            scale=tuple(a.crop_scale) if a.crop_scale else None, hflip=a.hflip,
-            randaug=f"rand-m{a.randaug_m}-n{a.randaug_n}-mstd{a.randaug_mstd}" if a.randaug else None,
-            color_jitter=a.color_jitter, interpolation=a.train_interpolation, re_prob=a.re_prob,
-            no_aug=a.no_aug)
-        # One training transform per resolution, plus the eval size for BN re-estimation.
-        tfs = train_transforms(self.data_cfg, sorted(set(sizes) | {self.eval_size}), augment)
-        self.train_set = AugmentedDataset(train_base, tfs, d.skip_bad_images, seed_transforms=not a.no_aug)
-        self.val_set = AugmentedDataset(val_base, eval_transform(self.data_cfg, self.eval_size),
-                                        d.skip_bad_images)
+        d, t, info = self.cfg.data, self.cfg.train, self.info
+        self.train_set = self.task.train_dataset(self.model)
+        self.val_set = self.task.val_dataset(self.model)
+        sizes = self.task.train_sizes()
         self.sampler = GlobalBatchSampler(len(self.train_set), t.batch_size, info.world_size, info.rank,
                                           t.accum_steps, sizes, shuffle=True, seed=t.seed,
                                           max_steps=t.max_steps_per_epoch)
@@ -226,7 +204,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * t.epochs
         self.loader_kw = dict(
             num_workers=d.num_workers, pin_memory=d.pin_memory and self.device.type == "cuda",
-            worker_init_fn=_ignore_sigint,
+            worker_init_fn=_ignore_sigint, collate_fn=self.task.collate,
             # The loader's own generator: making an iterator must not draw from the global RNG,
             # or a resumed run's dropout and mixup streams would shift.
             generator=torch.Generator().manual_seed(t.seed))
@@ -237,44 +215,29 @@ class Trainer:
         val_sampler = ShardSampler(len(self.val_set), info.world_size, info.rank, d.max_val_images)
         self.val_loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.eval_batch,
                                                       sampler=val_sampler, **self.loader_kw, **persistent)
+        self.eval_size = self.task.eval_size()
         # BN re-estimation: a fixed subset of training images, this rank's share.
         n_bn = min(t.bn_images, len(self.train_set)) if t.bn_reestimate else 0
         perm = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(t.seed + 1))
         self.bn_indices = perm[:n_bn][info.rank::info.world_size].tolist()
 
     def _build_optimization(self) -> None:
-        from timm.data import Mixup
-        from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
 
-        t, o, a = self.cfg.train, self.cfg.optim, self.cfg.aug
+        from .optim import param_groups
+
+        t, o = self.cfg.train, self.cfg.optim
         global_batch = t.batch_size * self.info.world_size * t.accum_steps
         self.lr = o.lr if o.lr is not None else o.base_lr * global_batch / o.base_batch
-        # timm groups the parameters: no weight decay on 1-d tensors (norms, biases, scalars) and
-        # on the model's no_weight_decay() names (the APEs).
-        self.optimizer = create_optimizer_v2(self.model, opt=o.opt, lr=self.lr, weight_decay=o.weight_decay,
+        groups = param_groups(self.model, o.weight_decay, o.decay_rule)
+        self.optimizer = create_optimizer_v2(groups, opt=o.opt, lr=self.lr, weight_decay=o.weight_decay,
                                              betas=tuple(o.betas), eps=o.eps)
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=o.sched, num_epochs=t.epochs - o.warmup_epochs,
             warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr, min_lr=o.min_lr, warmup_prefix=True,
             step_on_epochs=False, updates_per_epoch=self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
-        self.mixup = None
-        if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
-            self.mixup = Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mixup_prob,
-                               switch_prob=a.mixup_switch_prob, label_smoothing=a.label_smoothing,
-                               num_classes=len(self.classes))
-        if a.bce:
-            # Integer targets are smoothed here; mixup's dense targets arrive smoothed already.
-            self.loss_fn = BinaryCrossEntropy(smoothing=a.label_smoothing)
-        elif self.mixup is not None:
-            self.loss_fn = SoftTargetCrossEntropy()
-        elif a.label_smoothing:
-            self.loss_fn = LabelSmoothingCrossEntropy(a.label_smoothing)
-        else:
-            self.loss_fn = nn.CrossEntropyLoss()
-        self.distill_fn = BinaryCrossEntropy(smoothing=0.0)
 
     def _restore(self, ckpt: dict) -> dict | None:
         """Load the training state; return this rank's RNG state (None if the world size changed)."""
@@ -288,7 +251,8 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
         self.global_step = int(ckpt["global_step"])
-        self.best_top1 = float(ckpt.get("best_top1", -1.0))
+        # "best_top1": checkpoints written before tasks existed (classification only).
+        self.best_metric = float(ckpt.get("best_metric", ckpt.get("best_top1", -math.inf)))
         self.last_metrics = dict(ckpt.get("metrics") or {})
         states = ckpt.get("rng_per_rank") or []
         if len(states) != self.info.world_size:
@@ -319,7 +283,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng_per_rank": states,
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "best_top1": self.best_top1, "metrics": self.last_metrics,
+            "task": self.task.name, "best_metric": self.best_metric, "metrics": self.last_metrics,
             "classes": list(self.classes), "config": self.cfg.to_dict(),
         }
 
@@ -365,7 +329,8 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         global_batch = t.batch_size * self.info.world_size * t.accum_steps
         resuming = f" (resuming at epoch {self.epoch + 1}, step {self.step_in_epoch})" if self.resume else ""
-        print(f"qtvit train: {self.cfg.model.name} ({n_params / 1e6:.2f}M params, {len(self.classes)} "
+        print(f"{self.command}: {self.task.name}, {self.cfg.model.name} ({n_params / 1e6:.2f}M params, "
+              f"{len(self.classes)} "
               f"classes) on {self.info.world_size}× {self.device}; {len(self.train_set)} train / "
               f"{len(self.val_set)} val images; global batch {global_batch}, lr {self.lr:.3g}, "
               f"{t.epochs} epochs × {self.steps_per_epoch} steps; run folder {self.run_dir}{resuming}",
@@ -382,9 +347,9 @@ class Trainer:
             done = self.epoch + 1  # epochs completed
             metrics = self.validate(self.epoch) if done == t.epochs or done % t.eval_interval == 0 else {}
             self.epoch, self.step_in_epoch = done, 0
-            best = bool(metrics) and metrics["top1"] > self.best_top1
+            best = bool(metrics) and metrics[self.task.metric] > self.best_metric
             if best:
-                self.best_top1 = metrics["top1"]
+                self.best_metric = metrics[self.task.metric]
             if metrics:
                 self.last_metrics = metrics
                 if logger is not None:
@@ -407,10 +372,11 @@ class Trainer:
         return FitResult("interrupted", self.run_dir, self.last_metrics, self.epoch, self.global_step, signum)
 
     def _write_summary(self) -> None:
-        """``metrics.json`` (``accuracy`` = final top-1 as a fraction) and ``curves.png``."""
-        summary = {"accuracy": self.last_metrics.get("top1", 0.0) / 100.0, **self.last_metrics,
-                   "best_top1": self.best_top1, "epochs": self.epoch, "global_step": self.global_step,
-                   "model": self.cfg.model.name, "classes": len(self.classes)}
+        """``metrics.json`` (the last evaluation, the best value of the task's metric) and ``curves.png``."""
+        summary = {**self.task.summary(self.last_metrics), **self.last_metrics, "task": self.task.name,
+                   "metric": self.task.metric, "best_metric": self.best_metric, "epochs": self.epoch,
+                   "global_step": self.global_step, "model": self.cfg.model.name,
+                   "classes": len(self.classes)}
         write_text_atomic(self.run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
         try:
             from .plot import plot_curves
@@ -435,29 +401,22 @@ class Trainer:
         micro_losses: list[torch.Tensor] = []
         bad_in_a_row = bad_images = images = 0
         tick = time.perf_counter()
-        distill_from = int(t.distill_start * self.total_steps)
+        size = 0
         try:
-            for x, y, bad in self.train_loader:
-                x = x.to(self.device, non_blocking=True)
-                y = y.to(self.device, non_blocking=True)
-                bad_images += int(bad.sum())
-                images += x.shape[0] * self.info.world_size
-                if t.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                target = y
-                if self.mixup is not None:
-                    x, target = self.mixup(x, y)
+            for batch in self.train_loader:
+                batch = self.task.to_device(batch, self.device)
+                info = self.task.batch_info(batch)
+                bad_images += info["bad"]
+                images += info["images"] * self.info.world_size
+                size = info["size"]
                 last_micro = len(micro_losses) == t.accum_steps - 1
                 # DDP all-reduces gradients on the last micro-batch of a step only.
                 no_sync = self.info.distributed and not last_micro
                 with self.net.no_sync() if no_sync else contextlib.nullcontext():
+                    step = StepContext(self.global_step, self.total_steps, self.epoch,
+                                       self.ema.module if self.ema is not None else None)
                     with autocast(self.device, self.amp_dtype):
-                        out = self.net(x)
-                        loss = self.loss_fn(out, target)
-                        if t.distill_ratio > 0 and self.global_step >= distill_from:
-                            with torch.no_grad():
-                                teacher = self.ema.module(x)
-                            loss = loss + t.distill_ratio * self.distill_fn(out, teacher.float().sigmoid())
+                        loss = self.task.training_loss(self.net, batch, step)
                     # Backward even for a non-finite loss: every rank must join DDP's all-reduce;
                     # the step is dropped below if any rank saw one.
                     self.scaler.scale(loss / t.accum_steps).backward()
@@ -490,7 +449,7 @@ class Trainer:
                 epoch_end = self.step_in_epoch == self.steps_per_epoch
                 if self.global_step % self.cfg.run.log_interval == 0 or epoch_end:
                     elapsed = time.perf_counter() - tick
-                    self._log_steps(logger, bar, window, images / max(elapsed, 1e-9), x.shape[-1], bad_images)
+                    self._log_steps(logger, bar, window, images / max(elapsed, 1e-9), size, bad_images)
                     window.zero_()
                     images, tick = 0, time.perf_counter()
                 if stop:
@@ -533,15 +492,15 @@ class Trainer:
         keys = [(i, self.eval_size, sample_seed(seed, 10**6 + epoch, i)) for i in self.bn_indices]
         loader = torch.utils.data.DataLoader(self.train_set, batch_size=self.eval_batch, sampler=keys,
                                              **self.loader_kw)
-        for x, _, _ in loader:
-            yield x.to(self.device, non_blocking=True)
+        for batch in loader:
+            yield self.task.inputs(self.task.to_device(batch, self.device))
 
     def eval_model(self) -> nn.Module:
         """The weights that are evaluated: the EMA's when EMA and ``train.eval_ema`` are on."""
         return self.ema.module if self.ema is not None and self.cfg.train.eval_ema else self.model
 
     def validate(self, epoch: int) -> dict:
-        """BN re-estimation (if on), then top-1/top-5 on the validation set, of :meth:`eval_model`."""
+        """BN re-estimation (if on), then the task's evaluation of :meth:`eval_model` (validation set)."""
         from .bn import reestimate_bn
 
         model, t = self.eval_model(), self.cfg.train
@@ -550,12 +509,13 @@ class Trainer:
             with autocast(self.device, self.amp_dtype):
                 n_bn = reestimate_bn(model, self._bn_batches(epoch), len(self.bn_indices), self.info,
                                      t.channels_last)
-        metrics = evaluate(model, self.val_loader, self.device, self.info, self.amp_dtype, t.channels_last)
+        metrics = self.task.evaluate(model, self.val_loader, self.amp_dtype)
+        if self.task.metric not in metrics:
+            raise QtvitError(f"task {self.task.name!r}: evaluate() returned no {self.task.metric!r} "
+                             f"(got {', '.join(metrics)})")
         metrics["bn_images"] = n_bn * self.info.world_size
         metrics["ema"] = model is not self.model
         if self.main:
-            which = ", EMA" if metrics["ema"] else ""
-            print(f"epoch {epoch + 1}/{t.epochs}: val top-1 {metrics['top1']:.2f}%  top-5 "
-                  f"{metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['images']} images{which})",
-                  flush=True)
+            which = " (EMA weights)" if metrics["ema"] else ""
+            print(f"epoch {epoch + 1}/{t.epochs}: {self.task.describe(metrics)}{which}", flush=True)
         return metrics
