@@ -23,6 +23,7 @@ class ClassificationTask(Task):
 
     name = "classification"
     metric = "top1"
+    curve_metrics = ("top1", "top5")
     config_class = Config
 
     # ------------------------------------------------------------------------------------ data

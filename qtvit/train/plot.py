@@ -8,8 +8,13 @@ from pathlib import Path
 from .metrics import read_metrics
 
 
-def plot_curves(run_dir: str | os.PathLike, output: str | os.PathLike, title: str | None = None) -> Path:
-    """Plot training loss per logged step and validation top-1 per evaluation from ``run_dir``'s metrics."""
+def plot_curves(run_dir: str | os.PathLike, output: str | os.PathLike, title: str | None = None,
+                metrics: tuple[str, ...] = ("top1", "top5")) -> Path:
+    """Plot training loss per logged step and the validation ``metrics`` per evaluation from ``run_dir``.
+
+    Metrics a run did not log are skipped (a task names its own, e.g. ``("miou", "macc")``); the
+    classification accuracies (in %) keep the 0–100 axis.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,11 +28,17 @@ def plot_curves(run_dir: str | os.PathLike, output: str | os.PathLike, title: st
         ax_loss.plot([r["global_step"] for r in steps], [float(r["loss"]) for r in steps], lw=1.2)
     ax_loss.set(xlabel="optimizer step", ylabel="training loss", title="training loss")
     ax_loss.grid(alpha=0.3)
-    if evals:
-        ax_acc.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", label="top-1")
-        ax_acc.plot([r["epoch"] for r in evals], [r["top5"] for r in evals], "s--", alpha=0.6, label="top-5")
+    shown = [m for m in metrics if evals and all(m in r for r in evals)]
+    for i, name in enumerate(shown):
+        ax_acc.plot([r["epoch"] for r in evals], [float(r[name]) for r in evals], "os^v"[i % 4] + "-",
+                    alpha=1.0 if i == 0 else 0.6, label=name)
+    if shown:
         ax_acc.legend(loc="lower right")
-    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="held-out accuracy", ylim=(0, 100))
+    percent = set(shown) <= {"top1", "top5"}
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)" if percent else "validation metric",
+               title="held-out metrics")
+    if percent:
+        ax_acc.set_ylim(0, 100)
     ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.grid(alpha=0.3)
     if title:

@@ -54,6 +54,7 @@ class Task:
     Class attributes:
         name: the value of the recipe's ``task:`` key.
         metric: the key of :meth:`evaluate`'s result that selects ``best.pt`` (higher is better).
+        curve_metrics: the evaluation metrics drawn in ``curves.png`` (default: ``metric``).
         config_class: the typed config this task reads (:class:`qtvit.train.config.Config` or a
             subclass that replaces the ``data``/``aug`` sections with the task's own).
 
@@ -63,6 +64,7 @@ class Task:
 
     name: ClassVar[str] = "task"
     metric: ClassVar[str] = "loss"
+    curve_metrics: ClassVar[tuple[str, ...]] = ()  # evaluation metrics plotted in curves.png (() = metric)
     config_class: ClassVar[type] = None  # set by subclasses (None: qtvit.train.config.Config)
 
     def __init__(self, cfg: Config, info: DistInfo) -> None:

@@ -381,7 +381,8 @@ class Trainer:
         try:
             from .plot import plot_curves
 
-            plot_curves(self.run_dir, self.run_dir / "curves.png")
+            plot_curves(self.run_dir, self.run_dir / "curves.png",
+                        metrics=self.task.curve_metrics or (self.task.metric,))
         except ImportError as err:  # matplotlib is optional for training
             warnings.warn(f"no training-curve plot: {err}", stacklevel=2)
 
