@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # timm otherwise waits on the network for the HF hub.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-slow lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/qtvit demo
 
+# The default suite stays within ~12 minutes on 2 CPU cores; longer end-to-end checks carry
+# @pytest.mark.slow and run with `make test-slow`.
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow --durations=25
 
 lint: setup
 	$(BIN)/ruff check qtvit tests
