@@ -518,3 +518,16 @@ def test_models_cli_into_a_closed_pipe():
     finally:
         os.close(write_end)
     assert (gone.returncode, gone.stderr) == (0, "")
+
+
+# ------------------------------------------------------------------ the test harness itself
+def test_conftest_fills_uninitialised_memory_with_nan():
+    """tests/conftest.py: memory that code allocates and never writes reads as NaN in every test."""
+    ref = torch.zeros(2, 3, dtype=torch.float64)
+    for t in (torch.empty(2, 3), torch.empty((4,), dtype=torch.bfloat16), torch.empty_like(ref),
+              ref.new_empty((5, 2)), ref.new_empty(3, dtype=torch.float16)):
+        assert t.isnan().all(), (t.dtype, t.shape)
+    assert torch.empty(3, dtype=torch.int64).dtype == torch.int64  # integers are left as they come
+    leaf = torch.empty(3, requires_grad=True)  # still a leaf that can train
+    assert leaf.isnan().all() and leaf.requires_grad and leaf.grad_fn is None
+    assert torch.empty(2, 2, device="meta").is_meta
