@@ -1,0 +1,185 @@
+"""The fused Triton kernels (qtvit.kernels.triton), run on CPU tensors through Triton's interpreter.
+
+Every value and gradient is compared with the dense reference (the N×M weight matrix from each
+kernel's pairwise formula, differentiated by autograd) by relative RMSE. Shapes are kept small:
+the interpreter executes each block operation in Python.
+"""
+
+import pytest
+import torch
+
+import qtvit
+from qtvit.kernels import triton as fused
+
+pytest.importorskip("triton")
+
+KERNELS = fused.KERNELS
+HEAD_DIMS = (8, 16, 32, 64)
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    """Triton's interpreter on for every test (read by the kernels at each launch)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+
+
+def qkv(B, H, N, d, e=None, dtype=torch.float32, scale=1.0):
+    q, k, v = (scale * torch.randn(B, H, N, n) for n in (d, d, e or d))
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+def run(kernel, q, k, v, impl, const=None, grad=None):
+    """Output and gradients (q, k, v[, const]) of qtvit.attention with ``impl``."""
+    params = {} if kernel == "relu" else {"const": const}
+    out = qtvit.attention(q, k, v, kernel, impl=impl, **params)
+    inputs = (q, k, v) if kernel == "relu" else (q, k, v, const)
+    grad = torch.randn(out.shape).to(out.dtype) if grad is None else grad
+    return out, torch.autograd.grad(out, inputs, grad), grad
+
+
+def fused_run(kernel, q, k, v, const=None, grad=None):
+    params = {} if kernel == "relu" else {"const": const}
+    out = fused.fused_attention(q, k, v, kernel, **params)
+    inputs = (q, k, v) if kernel == "relu" else (q, k, v, const)
+    grad = torch.randn(out.shape).to(out.dtype) if grad is None else grad
+    return out, torch.autograd.grad(out, inputs, grad), grad
+
+
+def assert_matches_dense(kernel, q, k, v, tol, const=None):
+    const = torch.tensor(0.7, requires_grad=True) if const is None else const
+    out, grads, g = fused_run(kernel, q, k, v, const)
+    ref, ref_grads, _ = run(kernel, q, k, v, "dense", const, g)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    names = ("out", "dq", "dk", "dv", "dconst")[:len(grads) + 1]
+    for name, a, b in zip(names, (out, *grads), (ref, *ref_grads), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        assert rel_rmse(a, b) <= tol, f"{name}: relative RMSE {rel_rmse(a, b):.2e} > {tol}"
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_values_and_gradients_match_dense(kernel, dtype):
+    # N=300: three splits of the token axis (two full 128-token blocks and a partial one)
+    q, k, v = qkv(1, 2, 300, 16, dtype=dtype)
+    out, grads = assert_matches_dense(kernel, q, k, v, TOLERANCE[dtype])
+    again, grads_again, _ = fused_run(kernel, q, k, v, torch.tensor(0.7, requires_grad=True),
+                                      torch.zeros_like(out))
+    assert torch.equal(out, again)  # deterministic: the split reduction has a fixed order
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_every_head_dim(d):
+    # value dim differs from the key dim (e = 24, not a power of two: padded lanes masked)
+    for kernel in KERNELS:
+        q, k, v = qkv(1, 1, 7, d, e=24)
+        assert_matches_dense(kernel, q, k, v, TOLERANCE[torch.float32])
+
+
+def test_single_token_returns_the_value():
+    # N = M = 1: out = v whatever q, k and c are, so every gradient but dv is exactly zero
+    for kernel in KERNELS:
+        q, k, v = qkv(2, 2, 1, 16)
+        const = torch.tensor(1.3, requires_grad=True)
+        out, grads, g = fused_run(kernel, q, k, v, const)
+        torch.testing.assert_close(out, v.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grads[2], g, rtol=1e-6, atol=1e-6)
+        for grad in (grads[0], grads[1], *grads[3:]):
+            assert grad.abs().max() <= 1e-5
+
+
+def test_long_odd_sequence():
+    # 4097 tokens: 33 blocks in 4 splits, the last block holding one token
+    q, k, v = qkv(1, 1, 4097, 8)
+    assert_matches_dense("qt", q, k, v, TOLERANCE[torch.float32])
+
+
+def test_strided_views_of_a_qkv_tensor():
+    """LiteMLA's layout: q, k, v are (B, h, N, d) views of one (B, h·3d, N) tensor (token axis
+    contiguous). Same numbers as contiguous copies, bit for bit, and the gradient reaches qkv."""
+    B, h, d, N = 1, 2, 16, 150
+    base = torch.randn(B, h * 3 * d, N, requires_grad=True)
+    qkv_t = base.reshape(B, h, 3 * d, N).transpose(-1, -2)  # (B, h, N, 3d), strides (…, 1, N)
+    q, k, v = qkv_t.chunk(3, dim=-1)
+    assert q.stride()[-2:] == (1, N)
+    const = torch.tensor(0.9, requires_grad=True)
+    for kernel in KERNELS:
+        out, grads, g = fused_run(kernel, q, k, v, const)
+        copies = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+        ref, ref_grads, _ = fused_run(kernel, *copies, const, g)
+        assert torch.equal(out, ref)
+        for a, b in zip(grads[:3], ref_grads[:3], strict=True):
+            assert torch.equal(a, b)
+        dense, _, _ = run(kernel, q, k, v, "dense", const, g)
+        assert rel_rmse(out, dense) <= TOLERANCE[torch.float32]
+    # KernelAttention's layout: (B, N, 3, H, d) permuted to three (B, H, N, d) views
+    x = torch.randn(2, 40, 3, 2, 8)
+    q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
+    torch.testing.assert_close(fused.fused_attention(q, k, v, "qt"),
+                               qtvit.attention(q, k, v, "qt", impl="dense"), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_rows_and_large_magnitudes():
+    for kernel in KERNELS:
+        q, k, v = qkv(1, 2, 20, 16, scale=1e4)  # |x| ≈ 1e4: squares ≈ 1e8, sums over tokens larger
+        with torch.no_grad():
+            q[:, :, ::3] = 0
+            k[:, :, 1::3] = 0
+        assert_matches_dense(kernel, q, k, v, TOLERANCE[torch.float32])
+    # every key zero: qt weighs all keys by c² (mean of v); relu has only ε left (output 0)
+    q, k, v = qkv(1, 1, 9, 8)
+    with torch.no_grad():
+        k.zero_()
+    out, grads, _ = fused_run("qt", q, k, v, torch.tensor(1.0, requires_grad=True))
+    torch.testing.assert_close(out, v.detach().mean(-2, keepdim=True).expand_as(out))
+    assert all(torch.isfinite(g).all() for g in grads)
+    out, grads, _ = fused_run("relu", q, k, v)
+    assert torch.equal(out, torch.zeros_like(out)) and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_const_gradient_and_plain_float_const():
+    q, k, v = qkv(1, 2, 30, 16)
+    const = torch.tensor(1.5, requires_grad=True)
+    _, grads, g = fused_run("qt", q, k, v, const)
+    # finite difference of L = Σ g·out in float64 through the dense reference
+    dense = [t.detach().double() for t in (q, k, v)]
+    step = 1e-4
+
+    def loss(c):
+        return (qtvit.attention(*dense, "qt", impl="dense", const=c) * g.double()).sum()
+
+    numeric = (loss(1.5 + step) - loss(1.5 - step)) / (2 * step)
+    assert abs(grads[3].item() - numeric.item()) <= 1e-4 * max(1.0, abs(numeric.item()))
+    # a Python float const works and gives the same output as the tensor
+    torch.testing.assert_close(fused.fused_attention(q, k, v, "qt", const=1.5),
+                               fused.fused_attention(q, k, v, "qt", const=const), rtol=0, atol=0)
+
+
+def test_opcheck():
+    from qtvit.kernels.triton.ops import feature_attention_op
+
+    q, k, v = qkv(1, 2, 9, 8, e=16)
+    # one kernel: relu runs the same op with another feature-map id
+    torch.library.opcheck(feature_attention_op, (q, k, v, torch.tensor(0.8, requires_grad=True), "qt", 1e-15))
+
+
+def test_unsupported_inputs_give_one_line_errors(monkeypatch):
+    q, k, v = qkv(1, 1, 5, 8)
+    with pytest.raises(ValueError, match="no fused Triton kernel"):
+        fused.fused_attention(q, k, v, "taylor2")
+    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
+        fused.fused_attention(q.double(), k.double(), v.double(), "qt")
+    big = torch.randn(1, 1, 5, 128)
+    with pytest.raises(ValueError, match="head dims up to 64"):
+        fused.fused_attention(big, big, big, "qt")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        fused.fused_attention(q, k, v, "qt")
