@@ -1,6 +1,7 @@
 """Model families (EfficientViT/QT-ViT, plain ViT), the registry and checkpoint conversion."""
 
 from . import (
+    detection,  # noqa: F401  (registers the Cascade Mask R-CNN / Mask R-CNN detectors)
     efficientvit,  # noqa: F401  (registers qtvit_b0..l3 / qtvit_1..6)
     vit,  # noqa: F401  (registers the plain-ViT family)
 )
