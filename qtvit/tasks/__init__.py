@@ -1,0 +1,1 @@
+"""Training tasks beyond classification: segmentation and detection (data, models, metrics, CLI)."""
