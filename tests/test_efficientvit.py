@@ -26,7 +26,8 @@ from qtvit.models.macs import count_macs
 FIXTURE = Path(__file__).parent / "fixtures" / "official_qtvit_b1.json"
 EVIT = dict(kernel="relu", ape=False, shortcut=False)  # plain EfficientViT
 
-# SPEC §4, restated here as the independent reference: (params QT, params EfficientViT, GMACs@224)
+# The paper's figures (docs/DESIGN.md §architecture), restated here as the independent reference:
+# (params QT, params EfficientViT, GMACs@224 as the paper prints them; B0's is EfficientViT-B0's)
 SPEC = {
     "qtvit_b0": (3_485_404, 3_410_008, 0.10),
     "qtvit_b1": (9_353_135, 9_102_024, 0.52),
@@ -181,11 +182,14 @@ def test_params_exact(name):
 
 @pytest.mark.parametrize("name", FAMILY)
 def test_macs_at_224(name):
+    """The card's MACs are the exact count (one attention matmul more or less changes it; the
+    attention is ~1.6% of B1's MACs), and within 1% of the figure the paper prints."""
     _, _, gmacs = SPEC[name]
     card = qtvit.get_model_card(name)
-    assert card.macs_224 == gmacs
-    macs = count_macs(meta_model(name))
-    assert abs(macs / 1e9 - gmacs) / gmacs < 0.02, f"{name}: {macs / 1e9:.3f} G vs {gmacs} G"
+    assert isinstance(card.macs_224, int)
+    assert count_macs(meta_model(name)) == card.macs_224
+    assert card.paper_gmacs_224 == (gmacs if card.paper_name else None)
+    assert abs(card.gmacs_224 - gmacs) / gmacs < 0.01, f"{name}: {card.gmacs_224:.3f} G vs {gmacs} G"
 
 
 def test_count_macs_counts_attention_matmuls():
@@ -497,7 +501,7 @@ def test_models_cli(capsys):
     assert main(["models", "qtvit_b*"]) == 0
     out = capsys.readouterr().out
     assert "qtvit_b1" in out and "qtvit_1" in out and "QT-ViT-1" in out and "9,353,135" in out
-    assert "79.6" in out and "0.52G" in out and "qtvit_l1" not in out
+    assert "79.6" in out and "0.519G" in out and "qtvit_l1" not in out
     assert main(["models", "qtvit_l3", "--recount"]) == 0
     assert "246,840,624" in capsys.readouterr().out.split("\n")[1].split("QT-ViT-6")[1]
 

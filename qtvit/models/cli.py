@@ -53,7 +53,7 @@ def run_models(args: argparse.Namespace) -> int:
     print(header)
     for name in names:
         card = get_model_card(name)
-        macs = "-" if card.macs_224 is None else f"{card.macs_224:.2f}G"
+        macs = "-" if card.gmacs_224 is None else f"{card.gmacs_224:.3f}G"  # the exact count, rounded
         line = (f"{name:18s} {','.join(aliases.get(name, [])) or '-':10s} {card.paper_name or '-':11s} "
                 f"{_fmt(card.params, ',d'):>12s} {macs:>9s} "
                 f"{_fmt(card.top1, '.1f'):>6s} {_fmt(card.top5, '.1f'):>6s}")

@@ -391,10 +391,23 @@ def _pretrained_cfg(size: str) -> dict:
     )
 
 
-def _card(size: str, params: int, macs: float, top1: float | None, top5: float | None,
-          paper_name: str | None) -> ModelCard:
-    return ModelCard(params=params, macs_224=macs, top1=top1, top5=top5, paper_name=paper_name,
-                     pretrained_cfg=_pretrained_cfg(size))
+def _card(size: str, params: int, macs: int, paper_gmacs: float | None, top1: float | None,
+          top5: float | None, paper_name: str | None) -> ModelCard:
+    return ModelCard(params=params, macs_224=macs, paper_gmacs_224=paper_gmacs, top1=top1, top5=top5,
+                     paper_name=paper_name, pretrained_cfg=_pretrained_cfg(size))
+
+
+# size: params and MACs of one 224×224 image, both exact (``qtvit models --recount``; tests recount
+# them), then the paper's GMACs ("FLOPs" there), top-1, top-5 and name. B0 is not in the paper.
+CARDS: dict[str, ModelCard] = {
+    "b0": _card("b0", 3_485_404, 100_157_952, None, None, None, None),
+    "b1": _card("b1", 9_353_135, 518_963_712, 0.52, 79.6, 94.7, "QT-ViT-1"),
+    "b2": _card("b2", 24_858_210, 1_584_411_136, 1.60, 82.5, 95.9, "QT-ViT-2"),
+    "b3": _card("b3", 49_700_727, 3_952_768_512, 3.97, 83.9, 96.7, "QT-ViT-3"),
+    "l1": _card("l1", 52_955_534, 5_258_178_560, 5.26, 84.7, 96.7, "QT-ViT-4"),
+    "l2": _card("l2", 64_108_944, 6_949_460_992, 6.96, 85.2, 97.0, "QT-ViT-5"),
+    "l3": _card("l3", 246_840_624, 27_585_722_368, 27.60, 86.0, 97.3, "QT-ViT-6"),
+}
 
 
 def _build(size: str, num_classes: int, kernel: str, ape: bool, shortcut: bool, drop_path_rate: float,
@@ -408,55 +421,54 @@ def _build(size: str, num_classes: int, kernel: str, ape: bool, shortcut: bool, 
     return model
 
 
-@register_model("qtvit_b0", card=_card("b0", 3_485_404, 0.10, None, None, None))
+@register_model("qtvit_b0", card=CARDS["b0"])
 def qtvit_b0(num_classes: int = 1000, kernel: str = "qt", ape: bool = True, shortcut: bool = True,
              drop_path_rate: float = 0.0, **kwargs) -> EfficientViT:
     """EfficientViT-B0 size with QT attention (not in the paper)."""
     return _build("b0", num_classes, kernel, ape, shortcut, drop_path_rate, **kwargs)
 
 
-@register_model("qtvit_b1", aliases=("qtvit_1",), card=_card("b1", 9_353_135, 0.52, 79.6, 94.7, "QT-ViT-1"))
+@register_model("qtvit_b1", aliases=("qtvit_1",), card=CARDS["b1"])
 def qtvit_b1(num_classes: int = 1000, kernel: str = "qt", ape: bool = True, shortcut: bool = True,
              drop_path_rate: float = 0.0, **kwargs) -> EfficientViT:
     """QT-ViT-1: EfficientViT-B1 with QT attention."""
     return _build("b1", num_classes, kernel, ape, shortcut, drop_path_rate, **kwargs)
 
 
-@register_model("qtvit_b2", aliases=("qtvit_2",), card=_card("b2", 24_858_210, 1.60, 82.5, 95.9, "QT-ViT-2"))
+@register_model("qtvit_b2", aliases=("qtvit_2",), card=CARDS["b2"])
 def qtvit_b2(num_classes: int = 1000, kernel: str = "qt", ape: bool = True, shortcut: bool = True,
              drop_path_rate: float = 0.0, **kwargs) -> EfficientViT:
     """QT-ViT-2: EfficientViT-B2 with QT attention."""
     return _build("b2", num_classes, kernel, ape, shortcut, drop_path_rate, **kwargs)
 
 
-@register_model("qtvit_b3", aliases=("qtvit_3",), card=_card("b3", 49_700_727, 3.97, 83.9, 96.7, "QT-ViT-3"))
+@register_model("qtvit_b3", aliases=("qtvit_3",), card=CARDS["b3"])
 def qtvit_b3(num_classes: int = 1000, kernel: str = "qt", ape: bool = True, shortcut: bool = True,
              drop_path_rate: float = 0.0, **kwargs) -> EfficientViT:
     """QT-ViT-3: EfficientViT-B3 with QT attention."""
     return _build("b3", num_classes, kernel, ape, shortcut, drop_path_rate, **kwargs)
 
 
-@register_model("qtvit_l1", aliases=("qtvit_4",), card=_card("l1", 52_955_534, 5.26, 84.7, 96.7, "QT-ViT-4"))
+@register_model("qtvit_l1", aliases=("qtvit_4",), card=CARDS["l1"])
 def qtvit_l1(num_classes: int = 1000, kernel: str = "qt", ape: bool = True, shortcut: bool = True,
              drop_path_rate: float = 0.0, **kwargs) -> EfficientViT:
     """QT-ViT-4: EfficientViT-L1 with QT attention."""
     return _build("l1", num_classes, kernel, ape, shortcut, drop_path_rate, **kwargs)
 
 
-@register_model("qtvit_l2", aliases=("qtvit_5",), card=_card("l2", 64_108_944, 6.96, 85.2, 97.0, "QT-ViT-5"))
+@register_model("qtvit_l2", aliases=("qtvit_5",), card=CARDS["l2"])
 def qtvit_l2(num_classes: int = 1000, kernel: str = "qt", ape: bool = True, shortcut: bool = True,
              drop_path_rate: float = 0.0, **kwargs) -> EfficientViT:
     """QT-ViT-5: EfficientViT-L2 with QT attention."""
     return _build("l2", num_classes, kernel, ape, shortcut, drop_path_rate, **kwargs)
 
 
-@register_model("qtvit_l3", aliases=("qtvit_6",),
-                card=_card("l3", 246_840_624, 27.60, 86.0, 97.3, "QT-ViT-6"))
+@register_model("qtvit_l3", aliases=("qtvit_6",), card=CARDS["l3"])
 def qtvit_l3(num_classes: int = 1000, kernel: str = "qt", ape: bool = True, shortcut: bool = True,
              drop_path_rate: float = 0.0, **kwargs) -> EfficientViT:
     """QT-ViT-6: EfficientViT-L3 with QT attention."""
     return _build("l3", num_classes, kernel, ape, shortcut, drop_path_rate, **kwargs)
 
 
-__all__ = ["CONFIGS", "EFFICIENTVIT_PARAMS", "EfficientViT", "EfficientViTStage", "Stem"] + [
+__all__ = ["CARDS", "CONFIGS", "EFFICIENTVIT_PARAMS", "EfficientViT", "EfficientViTStage", "Stem"] + [
     f"qtvit_{s}" for s in CONFIGS]

@@ -15,22 +15,33 @@ import torch.nn as nn
 
 @dataclass(frozen=True)
 class ModelCard:
-    """Facts about a registered model (tests recompute ``params`` and ``macs_224``).
+    """Facts about a registered model; a test recounts ``params`` and ``macs_224`` exactly.
 
     Attributes:
         params: parameter count with 1000 classes and the default kernel/APE/shortcut.
-        macs_224: multiply-accumulates at 224×224 (attention matmuls included), in G.
+        macs_224: multiply-accumulates of one 3×224×224 image, exactly as
+            :func:`qtvit.models.macs.count_macs` counts them (convolutions, linear layers and the
+            attention matmuls; element-wise work excluded). ``qtvit models --recount`` prints it.
+        paper_gmacs_224: the MACs the paper reports (in G, as printed there, where it calls them
+            FLOPs), None where it reports none. Its counting conventions are not ours, so it may
+            differ from ``macs_224`` by about 1%.
         top1, top5: the paper's ImageNet-1k accuracy (%), None where not reported.
         paper_name: e.g. ``"QT-ViT-1"``.
         pretrained_cfg: timm-style config: input_size, crop_pct, interpolation, mean, std, ...
     """
 
     params: int | None = None
-    macs_224: float | None = None
+    macs_224: int | None = None
+    paper_gmacs_224: float | None = None
     top1: float | None = None
     top5: float | None = None
     paper_name: str | None = None
     pretrained_cfg: dict = field(default_factory=dict)
+
+    @property
+    def gmacs_224(self) -> float | None:
+        """``macs_224`` in G (what tables print, rounded to their precision)."""
+        return None if self.macs_224 is None else self.macs_224 / 1e9
 
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}

@@ -276,8 +276,11 @@ def vit_macs(embed_dim: int, depth: int, num_heads: int, img_size: int = 224, pa
     """Multiply-accumulates of one image's forward (matmuls and convs; norms and activations excluded).
 
     Per block with T tokens, head dim d: qkv T·C·3C, proj T·C², MLP 2·T·C·(rC), and the attention
-    matmuls per head: qt's linear path kᵀ[v,1] and q·(kᵀ[v,1]) = 2·T·d·(d+1); softmax QKᵀ and AV
-    = 2·T²·d. Only ``qt`` and ``softmax`` are modelled (the card's kernel and the baseline).
+    matmuls per head: qt's linear path ψ̂(K)ᵀV = T·d·d plus ψ̂(Q)·[ψ̂(K)ᵀV, Σψ̂(K)] = T·d·(d+1), where
+    ψ̂ is the d-dimensional map without qt's constant feature (the constant's terms and Σψ̂(K) are
+    sums, not multiply-accumulates); softmax QKᵀ and AV = 2·T²·d. This is exactly what
+    :func:`qtvit.models.macs.count_macs` counts for the model (a test holds the two equal). Only
+    ``qt`` and ``softmax`` are modelled (the card's kernel and the baseline).
     """
     if kernel not in ("qt", "softmax"):
         raise ValueError(f"vit_macs models the 'qt' and 'softmax' kernels only; got {kernel!r}")
@@ -286,7 +289,7 @@ def vit_macs(embed_dim: int, depth: int, num_heads: int, img_size: int = 224, pa
     T = P + int(class_token)
     d = C // num_heads
     hidden = int(C * mlp_ratio)
-    attn = num_heads * (2 * T * d * (d + 1) if kernel == "qt" else 2 * T * T * d)
+    attn = num_heads * (T * d * (2 * d + 1) if kernel == "qt" else 2 * T * T * d)
     block = T * C * 3 * C + attn + T * C * C + 2 * T * C * hidden
     return P * in_chans * p * p * C + depth * block + C * num_classes
 
@@ -312,9 +315,8 @@ def _pretrained_cfg(img_size: int | Sequence[int]) -> dict:
 
 def _card(name: str) -> ModelCard:
     a = _ARCHS[name]
-    macs = vit_macs(a["embed_dim"], a["depth"], a["num_heads"], 224, a["patch_size"])
-    return ModelCard(params=_PARAMS[name], macs_224=round(macs / 1e9, 4),
-                     pretrained_cfg=_pretrained_cfg(a["img_size"]))
+    macs = vit_macs(a["embed_dim"], a["depth"], a["num_heads"], 224, a["patch_size"])  # exact, at 224 px
+    return ModelCard(params=_PARAMS[name], macs_224=macs, pretrained_cfg=_pretrained_cfg(a["img_size"]))
 
 
 def _create(name: str, num_classes: int, kernel: str, img_size, patch_size, drop_path_rate: float,
