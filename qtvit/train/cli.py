@@ -248,8 +248,9 @@ def _demo_run_dir(output: str | None, resume: bool, overwrite: bool) -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from ..io import write_atomic
     from .config import load_config
-    from .trainer import Trainer, resume_config, write_text_atomic
+    from .trainer import Trainer, resume_config
 
     start = time.perf_counter()
     overrides = list(args.overrides)
@@ -273,7 +274,7 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = json.loads(summary_path.read_text())
     summary.update(wall_seconds=round(wall, 1), chance=1.0 / summary["classes"],
                    dataset=cfg.data.dataset if not args.data else str(args.data))
-    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
     minutes, seconds = divmod(int(round(wall)), 60)
     print(f"\ndemo finished in {minutes}m{seconds:02d}s: held-out accuracy {100 * summary['accuracy']:.1f}% "
           f"(chance {100 * summary['chance']:.1f}%)\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..io import atomic_output
 from .metrics import read_metrics
 
 
@@ -45,8 +46,7 @@ def plot_curves(run_dir: str | os.PathLike, output: str | os.PathLike, title: st
         fig.suptitle(title)
     fig.tight_layout()
     output = Path(output)
-    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
-    fig.savefig(tmp, dpi=110)
+    with atomic_output(output) as tmp:  # the temporary name ends in .tmp: name the format
+        fig.savefig(tmp, dpi=110, format=output.suffix.lstrip(".") or "png")
     plt.close(fig)
-    os.replace(tmp, output)
     return output

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import QtvitError
+from ..io import atomic_output
 
 CHECKPOINT_VERSION = 1
 
@@ -68,17 +68,9 @@ def _to_plain(obj: Any) -> Any:
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict:

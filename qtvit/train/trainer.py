@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import QtvitError
+from ..io import write_atomic
 from . import distributed as du
 from .config import Config
 from .evaluate import autocast
@@ -97,12 +98,6 @@ def resume_config(run_dir: str | os.PathLike,
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
     ckpt = load_training_checkpoint(path)
     return load_config(None, overrides, base=ckpt["config"]), ckpt
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _seed_everything(seed: int) -> None:
@@ -310,7 +305,7 @@ class Trainer:
         """Train to ``train.epochs`` (or for ``train.epochs_per_run`` epochs, or until a signal)."""
         logger = MetricsLogger(self.run_dir, self.cfg.run.tensorboard) if self.main else None
         if self.main:
-            write_text_atomic(self.run_dir / "config.yaml", self.cfg.to_yaml())
+            write_atomic(self.run_dir / "config.yaml", self.cfg.to_yaml())
             self._announce()
         previous = {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
@@ -377,7 +372,7 @@ class Trainer:
                    "metric": self.task.metric, "best_metric": self.best_metric, "epochs": self.epoch,
                    "global_step": self.global_step, "model": self.cfg.model.name,
                    "classes": len(self.classes)}
-        write_text_atomic(self.run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(self.run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
         try:
             from .plot import plot_curves
 
