@@ -92,15 +92,31 @@ def _features_backward(x, g, FEATURE: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, HALF_DOT: tl.constexpr, half_type: tl.constexpr):
-    """a @ b with float32 accumulation.
+def _dot(a, b, FAST_DOT: tl.constexpr):
+    """a @ b of float32 blocks with float32 accumulation.
 
-    HALF_DOT (GPU only, fp16/bf16 inputs): operands rounded to the input dtype so the product
-    runs on tensor cores. Otherwise float32 operands with IEEE products (no TF32), the path the
-    interpreter checks (it holds bf16 as integers and its half-precision dot is unreliable).
+    FAST_DOT (GPU only, for fp16/bf16 inputs): TF32 tensor-core products. Their 10-bit mantissa
+    is finer than the inputs' own rounding and their range is float32's, so sums such as KV
+    (which can exceed fp16's 65504 at large N) are safe. Otherwise IEEE float32 products: the
+    path the interpreter checks and the one fp32 inputs get (no TF32 behind the user's back).
     """
-    if HALF_DOT:
-        return tl.dot(a.to(half_type), b.to(half_type), out_dtype=tl.float32)
+    if FAST_DOT:
+        return tl.dot(a, b, input_precision="tf32")
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _dot_inputs(a, b, FAST_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """a @ b where both operands are bounded by the inputs (φ(k) and v in the key pass).
+
+    FAST_DOT (GPU only): operands rounded to the input's half dtype (DOT_DTYPE) for fp16/bf16
+    tensor cores with float32 accumulation; v and relu(k) convert exactly, qt's φ(k) ∈ [0, 1]
+    to the input's precision. The interpreter never takes this branch: it holds bf16 as integers
+    and its half-precision dot is unreliable, so what CI verifies is the float32 branch.
+    """
+    if FAST_DOT:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), out_dtype=tl.float32)
     else:
         return tl.dot(a, b, input_precision="ieee")
 
@@ -160,7 +176,7 @@ def key_stats_kernel(
     k_ptr, v_ptr, part_ptr, H, M, tokens_per_split,
     s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_ve,
     D: tl.constexpr, E: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    FEATURE: tl.constexpr, HALF_DOT: tl.constexpr,
+    FEATURE: tl.constexpr, FAST_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Forward pass 1, grid (B·H, key splits): partial A over this split's keys → part[bh, split]."""
     bh = tl.program_id(0)
@@ -182,7 +198,7 @@ def key_stats_kernel(
         mask_n = offs_n < end
         phi = _features(_block(k_base, offs_n, offs_d, mask_n, s_kn, s_kd, D), FEATURE)  # (BN, BD)
         vals = _block(v_base, offs_n, offs_e, mask_n, s_vn, s_ve, E)  # (BN, BE)
-        kv += _dot(tl.trans(phi), vals, HALF_DOT, v_ptr.dtype.element_ty)
+        kv += _dot_inputs(tl.trans(phi), vals, FAST_DOT, DOT_DTYPE)
         kz += _sum(phi, 0)
         sv += _sum(vals, 0)
         count += mask_n.to(tl.float32)
@@ -195,7 +211,7 @@ def query_kernel(
     q_ptr, part_ptr, stats_ptr, const_ptr, out_ptr, H, N, tokens_per_split, key_splits, eps,
     s_qb, s_qh, s_qn, s_qd, s_ob, s_oh, s_on, s_oe,
     D: tl.constexpr, E: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    FEATURE: tl.constexpr, HALF_DOT: tl.constexpr, CLAMP_FP16: tl.constexpr,
+    FEATURE: tl.constexpr, FAST_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, CLAMP_FP16: tl.constexpr,
 ):
     """Forward pass 2, grid (B·H, query splits): reduce the key partials, then o for this split.
 
@@ -222,7 +238,7 @@ def query_kernel(
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < end
         phi = _features(_block(q_base, offs_n, offs_d, mask_n, s_qn, s_qd, D), FEATURE)  # (BN, BD)
-        num = _dot(phi, kv, HALF_DOT, q_ptr.dtype.element_ty) + const_v[None, :]  # (BN, BE)
+        num = _dot(phi, kv, FAST_DOT) + const_v[None, :]  # (BN, BE)
         den = _sum(phi * kz[None, :], 1) + const_z  # (BN,)
         o = num / den[:, None]
         if CLAMP_FP16:  # saturate rather than overflow to inf
@@ -236,7 +252,7 @@ def query_backward_kernel(
     q_ptr, g_ptr, stats_ptr, const_ptr, dq_ptr, dpart_ptr, H, N, tokens_per_split, eps,
     s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn, s_ge, s_db, s_dh, s_dn, s_dd,
     D: tl.constexpr, E: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    FEATURE: tl.constexpr, HALF_DOT: tl.constexpr,
+    FEATURE: tl.constexpr, FAST_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Backward pass 1, grid (B·H, query splits): dq, and partial sums for the key side.
 
@@ -270,11 +286,11 @@ def query_backward_kernel(
         g = _block(g_base, offs_n, offs_e, mask_n, s_gn, s_ge, E)  # (BN, BE)
         phi = _features(x, FEATURE)
         den = _sum(phi * kz[None, :], 1) + const_z  # (BN,)
-        o = (_dot(phi, kv, HALF_DOT, q_ptr.dtype.element_ty) + const_v[None, :]) / den[:, None]
+        o = (_dot(phi, kv, FAST_DOT) + const_v[None, :]) / den[:, None]
         g_num = g / den[:, None]  # (BN, BE)
         g_den = -_sum(g * o, 1) / den  # (BN,)
-        g_phi = _dot(g_num, tl.trans(kv), HALF_DOT, q_ptr.dtype.element_ty) + g_den[:, None] * kz[None, :]
-        d_kv += _dot(tl.trans(phi), g_num, HALF_DOT, q_ptr.dtype.element_ty)
+        g_phi = _dot(g_num, tl.trans(kv), FAST_DOT) + g_den[:, None] * kz[None, :]
+        d_kv += _dot(tl.trans(phi), g_num, FAST_DOT)
         d_kz += _sum(phi * g_den[:, None], 0)
         d_sv += _sum(g_num, 0)
         d_count += g_den
@@ -291,7 +307,7 @@ def key_backward_kernel(
     s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_ve,
     s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dve,
     D: tl.constexpr, E: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    FEATURE: tl.constexpr, HALF_DOT: tl.constexpr,
+    FEATURE: tl.constexpr, FAST_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Backward pass 2, grid (B·H, key splits): reduce the query partials, then dk and dv.
 
@@ -323,8 +339,8 @@ def key_backward_kernel(
         x = _block(k_base, offs_n, offs_d, mask_n, s_kn, s_kd, D)  # (BN, BD)
         vals = _block(v_base, offs_n, offs_e, mask_n, s_vn, s_ve, E)  # (BN, BE)
         phi = _features(x, FEATURE)
-        g_phi = _dot(vals, tl.trans(d_kv), HALF_DOT, k_ptr.dtype.element_ty) + d_kz[None, :]  # (BN, BD)
-        dv = _dot(phi, d_kv, HALF_DOT, k_ptr.dtype.element_ty) + dv_const[None, :]  # (BN, BE)
+        g_phi = _dot(vals, tl.trans(d_kv), FAST_DOT) + d_kz[None, :]  # (BN, BD)
+        dv = _dot(phi, d_kv, FAST_DOT) + dv_const[None, :]  # (BN, BE)
         dx = _features_backward(x, g_phi, FEATURE)
         mask_k = mask_n[:, None] & (offs_d[None, :] < D)
         tl.store(dk_base + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd, dx.to(dk_ptr.dtype.element_ty),

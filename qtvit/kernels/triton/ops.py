@@ -33,7 +33,14 @@ Tensor = torch.Tensor
 FEATURES = {"relu": 0, "qt": 1}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 64  # the (d, e) statistics tile lives in registers: 64×64 floats per program
-BLOCK_TOKENS = 64  # tokens per block of every pass on a GPU
+# Tokens per block and warps per program on a GPU, by pass and padded head width max(BD, BE).
+# Chosen so no kernel spills registers when compiled for sm_90 (ptxas resource usage; compiled
+# without a GPU, see the README): the FMA products of the float32 path keep whole blocks in
+# registers, and the qt backward holds the feature map's intermediates too. Not timed.
+GPU_BLOCKS = {
+    "forward": {16: (64, 4), 32: (64, 4), 64: (64, 8)},
+    "backward": {16: (64, 8), 32: (32, 8), 64: (16, 8)},  # width 64: 40 bytes of spill remain
+}
 # Under the interpreter each block costs Python overhead per operation, nearly independent of
 # its size: bigger blocks make the CPU checks ~2x faster and change no arithmetic but the order
 # of the token sums.
@@ -87,18 +94,34 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _block_tokens(interpret: bool) -> int:
-    return INTERPRETER_BLOCK_TOKENS if interpret else BLOCK_TOKENS
+def _plan(q: Tensor, v: Tensor, kernel: str, direction: str) -> tuple[dict, dict]:
+    """(constexpr arguments, launch options) of the ``direction`` ("forward"/"backward") kernels."""
+    interpret = interpreting()
+    d, e = q.shape[-1], v.shape[-1]
+    BD, BE = _pow2(d), _pow2(e)
+    block, warps = GPU_BLOCKS[direction][max(BD, BE)]
+    if interpret:
+        block, opts = INTERPRETER_BLOCK_TOKENS, {}
+    else:
+        opts = {"num_warps": warps}
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    consts = {
+        "D": d, "E": e, "BN": block, "BD": BD, "BE": BE, "FEATURE": FEATURES[kernel],
+        # Tensor-core products for fp16/bf16 inputs: GPU only (the interpreter's bf16 dot is
+        # unreliable, and the float32 path is what CI verifies). See _kernels._dot/_dot_inputs.
+        "FAST_DOT": half and not interpret,
+        "DOT_DTYPE": _triton_dtype(q.dtype),
+    }
+    return consts, opts
 
 
-def _splits(tokens: int, rows: int, device: torch.device, interpret: bool) -> tuple[int, int]:
+def _splits(tokens: int, rows: int, block: int, device: torch.device) -> tuple[int, int]:
     """(splits, tokens per split) of one pass: enough programs to fill the GPU, whole blocks each.
 
     rows = B·H programs already in the grid; on a GPU aim for ~4 programs per SM.
     """
-    block = _block_tokens(interpret)
     blocks = -(-tokens // block)
-    if interpret or device.type != "cuda":
+    if device.type != "cuda" or interpreting():
         wanted = INTERPRETER_SPLITS
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -108,33 +131,20 @@ def _splits(tokens: int, rows: int, device: torch.device, interpret: bool) -> tu
     return -(-tokens // per_split), per_split
 
 
-def _config(q: Tensor, v: Tensor, kernel: str) -> dict:
-    interpret = interpreting()
-    d, e = q.shape[-1], v.shape[-1]
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    return {
-        "D": d, "E": e, "BN": _block_tokens(interpret), "BD": _pow2(d), "BE": _pow2(e),
-        "FEATURE": FEATURES[kernel],
-        # Tensor-core products in the input's half dtype: GPU only (the interpreter's bf16 dot is
-        # unreliable, and the fp32 path is what CI verifies).
-        "HALF_DOT": half and not interpret,
-    }
+def _triton_dtype(dtype: torch.dtype):
+    import triton.language as tl
 
-
-def _launch_opts(interpret: bool) -> dict:
-    return {} if interpret else {"num_warps": 4}
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, tl.float32)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, const: Tensor, kernel: str,
              eps: float) -> tuple[Tensor, Tensor]:
     B, H, N, d = q.shape
     M, e = k.shape[-2], v.shape[-1]
-    interpret = interpreting()
-    mod = kernels(interpret)
-    cfg = _config(q, v, kernel)
-    opts = _launch_opts(interpret)
-    key_splits, key_tokens = _splits(M, B * H, q.device, interpret)
-    query_splits, query_tokens = _splits(N, B * H, q.device, interpret)
+    mod = kernels(interpreting())
+    cfg, opts = _plan(q, v, kernel, "forward")
+    key_splits, key_tokens = _splits(M, B * H, cfg["BN"], q.device)
+    query_splits, query_tokens = _splits(N, B * H, cfg["BN"], q.device)
     f32 = {"dtype": torch.float32, "device": q.device}
     part = torch.empty((B * H, key_splits, d + 1, e + 1), **f32)
     stats = torch.empty((B * H, d + 1, e + 1), **f32)
@@ -151,12 +161,10 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, const: Tensor, 
               eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, H, N, d = q.shape
     M, e = k.shape[-2], v.shape[-1]
-    interpret = interpreting()
-    mod = kernels(interpret)
-    cfg = _config(q, v, kernel)
-    opts = _launch_opts(interpret)
-    key_splits, key_tokens = _splits(M, B * H, q.device, interpret)
-    query_splits, query_tokens = _splits(N, B * H, q.device, interpret)
+    mod = kernels(interpreting())
+    cfg, opts = _plan(q, v, kernel, "backward")
+    key_splits, key_tokens = _splits(M, B * H, cfg["BN"], q.device)
+    query_splits, query_tokens = _splits(N, B * H, cfg["BN"], q.device)
     f32 = {"dtype": torch.float32, "device": q.device}
     dpart = torch.empty((B * H, query_splits, d + 1, e + 1), **f32)
     dstats = torch.empty((B * H, d + 1, e + 1), **f32)
