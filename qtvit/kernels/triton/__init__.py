@@ -53,17 +53,29 @@ def interpreter_on() -> bool:
 
 def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, kernel: str) -> str | None:
     """Why the fused kernels cannot run these inputs, or None if they can (one line, for errors)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k and v must be 4-D (B, H, tokens, dim)"
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        return "q, k and v must share one dtype and one device"
+    if 0 in (*q.shape, *k.shape, *v.shape):
+        return "q, k and v must not have an empty dimension"
+    return _unsupported(kernel, q.dtype, q.device.type, q.shape[-1], v.shape[-1])
+
+
+@torch.compiler.assume_constant_result
+def _unsupported(kernel: str, dtype: torch.dtype, device_type: str, d: int, e: int) -> str | None:
+    # Constant for torch.compile: evaluated once while tracing (it reads the environment and
+    # imports Triton, which Dynamo cannot trace), never part of the graph.
     if kernel not in KERNELS:
         return f"kernel {kernel!r} has no fused Triton kernel (available: {', '.join(KERNELS)})"
     if not triton_installed():
         return "Triton is not installed (pip install triton; it ships with CUDA builds of torch)"
-    if q.dtype not in DTYPES:
-        return f"dtype {q.dtype} is not supported by the Triton kernels (float32, bfloat16, float16)"
-    d, e = q.shape[-1], v.shape[-1]
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is not supported by the Triton kernels (float32, bfloat16, float16)"
     if d > MAX_HEAD_DIM or e > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM} are supported by the Triton kernels; got d={d}, e={e}"
-    if q.device.type != "cuda" and not interpreter_on():
-        return (f"the Triton kernels need CUDA tensors (got {q.device.type}); set TRITON_INTERPRET=1 to "
+    if device_type != "cuda" and not interpreter_on():
+        return (f"the Triton kernels need CUDA tensors (got {device_type}); set TRITON_INTERPRET=1 to "
                 "run them on CPU tensors through Triton's interpreter (slow, for checking)")
     return None
 
@@ -145,7 +157,8 @@ def verified(device: torch.device, dtype: torch.dtype) -> bool:
     """
     key = (str(device), dtype)
     if key not in _VERDICTS:
-        with torch.enable_grad(), torch.autocast(device_type=torch.device(device).type, enabled=False):
+        device_type = torch.device(device).type
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
             problem = self_check(torch.device(device), dtype)
         if problem is not None:
             logger.warning("qtvit: the fused Triton attention kernels failed their self-check on %s/%s "
