@@ -295,6 +295,24 @@ def test_fine_tune_onto_a_new_class_count(name, tmp_path):
         load_weights(qtvit.create_model(name, num_classes=7), path)
 
 
+def test_recipe_init_checkpoint_fine_tunes(tmp_path):
+    """``model.init_checkpoint`` in a recipe goes through the same path: backbone loaded, head fresh."""
+    from qtvit.train.classification import ClassificationTask
+    from qtvit.train.config import load_config
+    from qtvit.train.distributed import DistInfo
+
+    source = randomized("qtvit_vit_micro", seed=6)
+    path = tmp_path / "pretrained.safetensors"
+    save_state_dict(source, path)
+    cfg = load_config(None, ["model.name=qtvit_vit_micro", "model.drop_path_rate=0.0",
+                             f"model.init_checkpoint={path}"])
+    model = ClassificationTask(cfg, DistInfo()).build_model(7)
+    assert model.head.weight.shape == (7, 96)
+    assert not torch.equal(model.head.weight, source.head.weight[:7])
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert torch.equal(model.pos_embed, source.pos_embed)
+
+
 def test_new_classifier_ok_refuses_backbone_conflicts(b0):
     other = qtvit.create_model("qtvit_b0", num_classes=7, **EVIT)  # no QT keys: not a head-only conflict
     with pytest.raises(QtvitError):
