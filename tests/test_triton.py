@@ -78,9 +78,11 @@ def test_values_and_gradients_match_dense(kernel, dtype):
 
 @pytest.mark.parametrize("d", HEAD_DIMS)
 def test_every_head_dim(d):
-    # value dim differs from the key dim (e = 24, not a power of two: padded lanes masked)
+    # value dim differs from the key dim (e = 24, not a power of two: padded lanes masked), and
+    # 7 queries attend to 10 keys (cross-attention)
     for kernel in KERNELS:
-        q, k, v = qkv(1, 1, 7, d, e=24)
+        q, _, _ = qkv(1, 1, 7, d)
+        _, k, v = qkv(1, 1, 10, d, e=24)
         assert_matches_dense(kernel, q, k, v, TOLERANCE[torch.float32])
 
 
