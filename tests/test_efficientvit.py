@@ -228,9 +228,14 @@ def test_state_dict_layout_is_timms(size):
     ours = meta_model(f"qtvit_{size}", **EVIT)
     assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
         (k, v.shape) for k, v in theirs.state_dict().items()]
+    assert len(ours.state_dict()) == EVIT_KEYS[size]  # the counts docs/DESIGN.md §checkpoints states
     qt_extra = set(meta_model(f"qtvit_{size}").state_dict()) - set(ours.state_dict())
     assert qt_extra and all(re.search(r"\.context_module\.main\.(ape|v_norm\.\w+|kernel_params\.const)$", k)
                             for k in qt_extra)
+
+
+# EfficientViT state-dict entries per size, BatchNorm num_batches_tracked included
+EVIT_KEYS = {"b0": 197, "b1": 272, "b2": 365, "b3": 514, "l1": 271, "l2": 353, "l3": 353}
 
 
 def _timm_eps_1e15(model: nn.Module) -> nn.Module:
