@@ -117,8 +117,9 @@ def _rrmse(a: Tensor, b: Tensor) -> float:
 def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
     """Run both kernels, forward and backward, on a small input against the PyTorch linear path.
 
-    Returns None if they agree, else a one-line description of the failure (an exception or the
-    largest relative RMSE).
+    The reference runs in float64 on the same inputs (so a TF32 setting of the user's cannot
+    make it the inaccurate side). Returns None if they agree, else a one-line description of the
+    failure (an exception, or which output or gradient differs and by how much).
     """
     from ..functional import attention
 
@@ -127,16 +128,21 @@ def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
     shapes = ((2, 3, 77, 16), (2, 3, 77, 16), (2, 3, 77, 32))
     try:
         for kernel in KERNELS:
-            q, k, v = (torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-                       for s in shapes)
+            base = [torch.randn(s, generator=gen).to(dtype).to(device) for s in shapes]
+            grad = torch.randn(2, 3, 77, 32, generator=gen).to(dtype).to(device)
+            q, k, v = (t.clone().requires_grad_() for t in base)
+            q64, k64, v64 = (t.double().requires_grad_() for t in base)
             c = torch.tensor(0.8, device=device, requires_grad=True)
-            grad = torch.randn(2, 3, 77, 32, generator=gen).to(device=device, dtype=dtype)
-            inputs = (q, k, v, c) if kernel == "qt" else (q, k, v)
-            params = {"const": c} if kernel == "qt" else {}
+            c64 = torch.tensor(0.8, device=device, dtype=torch.float64, requires_grad=True)
+            inputs, ref_inputs = [q, k, v], [q64, k64, v64]
+            if kernel == "qt":
+                inputs.append(c)
+                ref_inputs.append(c64)
             fused = fused_attention(q, k, v, kernel, const=c)
+            params = {"const": c64} if kernel == "qt" else {}
+            ref = attention(q64, k64, v64, kernel, impl="linear", **params)
             fused_grads = torch.autograd.grad(fused, inputs, grad)
-            ref = attention(q, k, v, kernel, impl="linear", **params)
-            ref_grads = torch.autograd.grad(ref, inputs, grad)
+            ref_grads = torch.autograd.grad(ref, ref_inputs, grad.double())
             names = ("out", "dq", "dk", "dv", "dconst")[:len(inputs) + 1]
             for name, a, b in zip(names, (fused, *fused_grads), (ref, *ref_grads), strict=True):
                 err = _rrmse(a, b)
