@@ -1,38 +1,36 @@
-"""``qtvit bench attention``: result structure, skips, errors, timing protocol, memory meter, CLI."""
+"""``qtvit bench attention`` and the shared bench machinery: runner (skips, predictions, errors,
+document), timing protocol, memory meter, environment header, generated CLI flags, malloc re-run."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
+from qtvit.bench import attention, models, pareto
 from qtvit.bench import env as bench_env
-from qtvit.bench.attention import (
-    QUICK,
-    AttentionBenchConfig,
-    Variant,
-    _add_arguments,
-    _Previous,
-    _skip_reason,
-    build_variants,
-    run_attention_benchmark,
-)
-from qtvit.bench.env import argv_from_args
+from qtvit.bench.attention import QUICK, AttentionBenchConfig, build_variants, run_attention_benchmark
+from qtvit.bench.cli import argv_from_args, config_from_args, field_kind, show_value
+from qtvit.bench.runner import BenchConfig, Job, Sweep, fit_predict
 from qtvit.bench.timing import RssHighWaterMeter, time_interleaved
-from qtvit.cli import build_parser, main
+from qtvit.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny sweep: two token counts, dense capped below the second, samples kept short.
-TINY = AttentionBenchConfig(kernels=("relu", "qt", "softmax"), tokens=(64, 128), head_dims=(16,), heads=2,
+TINY = AttentionBenchConfig(kernels=("relu", "qt", "softmax"), tokens=(32, 64), head_dims=(8,), heads=1,
                             repeats=3, min_repeats=2, min_sample_seconds=1e-3, variant_seconds=0.05,
-                            max_dense_tokens=64, ratio_tokens=(64, 128), progress=False)
+                            max_dense_tokens=32, progress=False)
+FAST = BenchConfig(warmup=1, repeats=2, min_repeats=2, min_sample_seconds=1e-4, variant_seconds=0.01,
+                   memory=False, progress=False, max_call_seconds=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +42,8 @@ def test_variants_follow_the_registry_and_impls():
     names = [v.name for v in build_variants(TINY)]
     # softmax has no linear path, and its dense path is SDPA itself, measured once as softmax/sdpa
     assert names == ["softmax/sdpa", "relu/linear", "qt/linear", "relu/dense", "qt/dense"]
-    dense_only = [v.name for v in build_variants(AttentionBenchConfig(kernels=("softmax",),
-                                                                       impls=("dense",)))]
-    assert dense_only == ["softmax/dense"]
+    dense_only = build_variants(AttentionBenchConfig(kernels=("softmax",), impls=("dense",)))
+    assert [v.name for v in dense_only] == ["softmax/dense"]
     every = build_variants(AttentionBenchConfig())
     from qtvit import get_kernel, list_kernels
     with_linear = {n for n in list_kernels() if get_kernel(n).has_linear}
@@ -57,14 +54,16 @@ def test_variants_follow_the_registry_and_impls():
 def test_result_document_structure_and_values(tiny_doc):
     doc = json.loads(json.dumps(tiny_doc, allow_nan=False))  # plain JSON, no NaN
     env = doc["env"]
-    for key in ("date", "torch", "cpu_model", "threads", "device", "device_name", "dtype", "malloc", "git"):
+    for key in ("date", "torch", "cpu_model", "threads", "device", "device_name", "dtype", "malloc", "git",
+                "load_start", "load_end"):
         assert key in env, key
     assert env["dtype"] == "float32" and env["threads"] == torch.get_num_threads()
+    assert doc["benchmark"] == "attention" and doc["schema_version"] == 2
     assert doc["config"]["variants"] == [v.name for v in build_variants(TINY)]
     assert len(doc["results"]) == len(doc["config"]["variants"]) * len(TINY.tokens)
     by_key = {(r["variant"], r["tokens"]): r for r in doc["results"]}
     for name in doc["config"]["variants"]:
-        first = by_key[(name, 64)]
+        first = by_key[(name, 32)]
         assert first["status"] == "ok", first
         assert 0 < first["min_ms"] <= first["median_ms"] <= first["q3_ms"]
         assert first["q1_ms"] <= first["median_ms"] and first["iqr_ms"] >= 0
@@ -72,73 +71,92 @@ def test_result_document_structure_and_values(tiny_doc):
         if RssHighWaterMeter.available():
             assert first["peak_mb"] is not None and first["peak_mb"] >= 0
     for name in ("relu/dense", "qt/dense"):  # over max_dense_tokens: recorded, not silently dropped
-        skipped = by_key[(name, 128)]
-        assert skipped["status"] == "skipped" and skipped["skip"] == "cap"
-        assert "64" in skipped["reason"]
-    assert by_key[("qt/linear", 128)]["status"] == "ok"
+        skipped = by_key[(name, 64)]
+        assert skipped["status"] == "skipped" and skipped["skip"] == "cap" and "32" in skipped["reason"]
+    # the second N is predicted from the first before it runs
+    assert by_key[("qt/linear", 64)]["status"] == "ok" and by_key[("qt/linear", 64)]["predicted_ms"] > 0
     assert doc["complete"] is True and doc["elapsed_seconds"] > 0
 
 
-def test_ratios_are_computed_from_the_run(tiny_doc):
-    ratios = {(r["name"], r["tokens"]): r for r in tiny_doc["ratios"]}
-    assert set(ratios) == {("sdpa_over_qt_linear", 64), ("qt_linear_over_relu_linear", 64),
-                           ("qt_linear_over_relu_linear", 128)}
-    by_key = {(r["variant"], r["tokens"]): r for r in tiny_doc["results"]}
-    r = ratios[("qt_linear_over_relu_linear", 128)]
-    expected = by_key[("qt/linear", 128)]["median_ms"] / by_key[("relu/linear", 128)]["median_ms"]
-    assert r["value"] == pytest.approx(expected) and r["value"] > 0
-    assert r["met"] == (r["value"] <= 1.3) and r["target"] == 1.3
-    s = ratios[("sdpa_over_qt_linear", 64)]
-    assert s["value"] > 0 and s["met"] == (s["value"] >= 30)
+def test_git_commit_is_recorded_from_git_or_the_environment(monkeypatch):
+    monkeypatch.delenv(bench_env.GIT_COMMIT_VARIABLE, raising=False)
+    git = bench_env.git_commit(REPO)
+    if git is not None:  # a checkout: the commit git names, and whether tracked files differ from it
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+        assert git["commit"] == head.strip() and isinstance(git["dirty"], bool) and git["source"] == "git"
+    # a tree shipped without .git is told its commit
+    monkeypatch.setenv(bench_env.GIT_COMMIT_VARIABLE, "0123456789abcdef-dirty")
+    assert bench_env.git_commit("/") == {"commit": "0123456789abcdef", "dirty": True,
+                                         "source": bench_env.GIT_COMMIT_VARIABLE}
+    env = bench_env.collect_environment(torch.device("cpu"), torch.float32)
+    assert env["git"]["dirty"] is True and "(DIRTY TREE)" in bench_env.format_environment(env)[0]
+    monkeypatch.setenv(bench_env.GIT_COMMIT_VARIABLE, "0123456789abcdef")
+    assert bench_env.git_commit()["dirty"] is False
+    assert bench_env.describe_commit({"git": None}) == "no git commit recorded"
 
 
-def test_missing_ratio_inputs_are_reported():
-    doc = run_attention_benchmark(AttentionBenchConfig(kernels=("relu",), impls=("linear",), tokens=(32,),
-                                                       head_dims=(8,), heads=1, repeats=1, warmup=0,
-                                                       measure_memory=False, progress=False))
-    assert doc["ratios"] and all(r["value"] is None for r in doc["ratios"])
-    assert all("not measured" in r["reason"] for r in doc["ratios"])
+def _sleeper(seconds: float):
+    return lambda: (lambda: time.sleep(seconds))
 
 
-def test_slow_variants_are_skipped_with_a_reason():
-    config = AttentionBenchConfig(kernels=("relu",), impls=("linear", "dense"), tokens=(32, 64),
-                                  head_dims=(8,), heads=1, repeats=1, warmup=1, max_call_seconds=1e-9,
-                                  measure_memory=False, progress=False)
-    doc = run_attention_benchmark(config)
-    by_key = {(r["variant"], r["tokens"]): r for r in doc["results"]}
-    for name in ("relu/linear", "relu/dense"):
-        first = by_key[(name, 32)]  # nothing to extrapolate from: dropped after its warm-up call
-        assert first["status"] == "skipped" and first["skip"] == "time"
-        assert "warm-up call took" in first["reason"]
-        entry = by_key[(name, 64)]  # extrapolated from that call, not run at all
-        assert entry["status"] == "skipped" and entry["skip"] == "time"
-        assert "predicted" in entry["reason"] and "max_call_seconds" in entry["reason"]
+def test_runner_predicts_and_skips_by_time_with_the_growth_of_each_variant():
+    with Sweep("test", FAST, 2) as sweep:
+        first = sweep.run("n=10", [Job("lin", {"v": "lin"}, _sleeper(0.002), size=10),
+                                   Job("quad", {"v": "quad"}, _sleeper(0.002), size=10, quadratic=True)])
+        assert [e["status"] for e in first] == ["ok", "ok"]
+        lin, quad = sweep.run("n=1000", [
+            Job("lin", {"v": "lin"}, _sleeper(0.002), size=1000),
+            Job("quad", {"v": "quad"}, _sleeper(0.002), size=1000, quadratic=True)])
+    # 100× the size: ∝ N predicts ≥ 0.2 s and runs; ∝ N² predicts ≥ 20 s > max_call_seconds (1 s)
+    assert lin["status"] == "ok" and 200 <= lin["predicted_ms"] < 1000
+    assert quad["status"] == "skipped" and quad["skip"] == "time" and quad["predicted_ms"] > 1000
+    assert "max_call_seconds" in quad["reason"]
+    assert sweep.doc["complete"] and len(sweep.doc["results"]) == 4
 
 
-def test_skip_reasons_extrapolate_by_complexity():
-    config = AttentionBenchConfig(max_call_seconds=1.0, max_seconds=100.0, warmup=1, repeats=5, min_repeats=3)
-    linear, dense = Variant("relu", "linear"), Variant("relu", "dense")
-    prev = _Previous(tokens=1000, seconds=0.1, peak_bytes=2**30)
-    assert _skip_reason(linear, 4000, prev, config, 100.0, None)[0] == ""  # 0.4 s: fine
-    assert _skip_reason(dense, 4000, prev, config, 100.0, None)[0] == "time"  # 1.6 s > 1 s
-    assert _skip_reason(dense, 32768, None, config, 100.0, None)[0] == "cap"
-    assert _skip_reason(linear, 4000, prev, config, 0.5, None)[0] == "budget"  # ≥ 4 calls of 0.4 s
-    assert _skip_reason(linear, 4000, prev, config, 0.0, None)[0] == "budget"
-    assert _skip_reason(linear, 4000, prev, config, 100.0, 4 * 2**30)[0] == "memory"  # 4 GB > 80% of 4 GB
-    assert _skip_reason(linear, 4000, _Previous(1000, failed=True), config, 100.0, None)[0] == "failed"
+def test_runner_skips_by_budget_memory_failure_and_benchmark_reason(monkeypatch):
+    def broken():
+        raise ValueError("head dim must be even")
+
+    with Sweep("test", FAST, 3) as sweep:
+        sweep.history.add("big", 10, 1, 0.001, 2**30)  # 1 GiB at size 10: 100 GiB at size 1000
+        monkeypatch.setattr(bench_env, "available_memory_bytes", lambda device: 8 * 2**30)
+        failing, capped, big = sweep.run("step 1", [
+            Job("bad", {}, broken, size=10), Job("cap", {}, _sleeper(0), size=10, skip=("cap", "N too big")),
+            Job("big", {}, _sleeper(0), size=1000)])
+        assert failing["status"] == "error" and "head dim must be even" in failing["reason"]
+        assert (capped["skip"], capped["reason"]) == ("cap", "N too big")
+        assert big["skip"] == "memory" and big["predicted_peak_mb"] == pytest.approx(100 * 1024)
+        (again,) = sweep.run("step 2", [Job("bad", {}, broken, size=20)])
+        assert again["skip"] == "failed" and "head dim must be even" in again["reason"]  # not retried
+        # a train step with no history of its own is predicted from the forward series (× 3)
+        sweep.history.add("fwd", 10, 1, 0.5, None)
+        (train,) = sweep.run("step 3", [Job("train", {}, _sleeper(0), size=10, fallback=("fwd", 3.0))])
+        assert train["skip"] == "time" and train["predicted_ms"] == pytest.approx(1500)
+        (late,) = sweep.run("late", [Job("x", {}, _sleeper(0), size=1)], deadline=time.perf_counter() - 1)
+        assert late["skip"] == "budget"
+    assert sweep.doc["complete"] is False  # a budget skip: the run did not measure everything
 
 
-def test_a_failing_variant_is_recorded_and_not_retried():
-    # taylor2_pool needs d divisible by pool=2: d=3 raises inside the kernel
-    config = AttentionBenchConfig(kernels=("taylor2_pool", "relu"), impls=("linear",), tokens=(16, 32),
-                                  head_dims=(3,), heads=1, repeats=1, warmup=1, measure_memory=False,
-                                  progress=False)
-    doc = run_attention_benchmark(config)
-    by_key = {(r["variant"], r["tokens"]): r for r in doc["results"]}
-    error = by_key[("taylor2_pool/linear", 16)]
-    assert error["status"] == "error" and "divisible" in error["reason"]
-    assert by_key[("taylor2_pool/linear", 32)]["skip"] == "failed"
-    assert by_key[("relu/linear", 32)]["status"] == "ok"
+def test_warmup_call_over_the_limit_drops_the_variant_and_seeds_the_prediction():
+    config = BenchConfig(**{**FAST.__dict__, "max_call_seconds": 0.01})
+    with Sweep("test", config, 2) as sweep:
+        (slow,) = sweep.run("a", [Job("s", {}, _sleeper(0.05), size=10)])
+        (bigger,) = sweep.run("b", [Job("s", {}, _sleeper(0.05), size=20)])
+    assert slow["skip"] == "time" and "warm-up call took" in slow["reason"]
+    assert bigger["skip"] == "time" and bigger["predicted_ms"] >= 100
+
+
+def test_fit_predict_recovers_linear_and_quadratic_costs():
+    # two sizes: the fit decides, not the `quadratic` flag
+    assert fit_predict([(100, 2.0), (400, 8.0)], 1600, quadratic=True) == pytest.approx(32.0)
+    quad = [(p, 1e-3 * p + 1e-6 * p * p) for p in (100, 400)]
+    assert fit_predict(quad, 3200, quadratic=False) == pytest.approx(1e-3 * 3200 + 1e-6 * 3200**2)
+    assert fit_predict([(100, 1.0)], 400, quadratic=False) == pytest.approx(4.0)
+    assert fit_predict([(100, 1.0)], 400, quadratic=True) == pytest.approx(16.0)
+    # a fixed overhead (b < 0 from the fit) falls back to proportional-to-size from the largest point
+    assert fit_predict([(100, 5.0), (400, 8.0)], 800, quadratic=True) == pytest.approx(16.0)
+    assert fit_predict([], 100, quadratic=True) is None
 
 
 def test_rounds_are_interleaved_and_slow_variants_sample_less():
@@ -153,30 +171,22 @@ def test_rounds_are_interleaved_and_slow_variants_sample_less():
 
     timed = time_interleaved({"fast": fast, "slow": slow}, device=torch.device("cpu"), warmup=1, repeats=5,
                              min_repeats=2, min_sample_seconds=1e-9, variant_seconds=0.05)
-    samples = timed.samples
     assert not timed.errors and not timed.dropped
     assert calls[:2] == ["fast", "slow"]  # warm-up
     assert calls[2:4] == ["fast", "slow"] and calls[4:6] == ["slow", "fast"]  # rotated rounds
-    assert len(samples["fast"].times) == 5 and len(samples["slow"].times) == 2
-    assert min(samples["slow"].times) >= 0.02
-    assert samples["slow"].stats()["median_ms"] >= 20
+    assert len(timed.samples["fast"].times) == 5 and len(timed.samples["slow"].times) == 2
+    assert min(timed.samples["slow"].times) >= 0.02 and timed.samples["slow"].stats()["median_ms"] >= 20
 
 
-def test_slow_variants_are_dropped_after_warmup_by_call_limit_and_deadline():
+def test_slow_variants_are_dropped_by_deadline():
     def slow():
         time.sleep(0.05)
 
-    cpu = torch.device("cpu")
-    timed = time_interleaved({"fast": lambda: None, "slow": slow}, device=cpu, repeats=3, min_repeats=2,
-                             max_call_seconds=0.01)
-    assert set(timed.samples) == {"fast"} and timed.dropped["slow"][0] == "time"
-    assert timed.dropped["slow"][2] >= 0.05  # the measured warm-up call, for extrapolation
     # two samples of `slow` (≥ 100 ms) cannot fit before a deadline ≤ 70 ms after its warm-up
-    timed = time_interleaved({"fast": lambda: None, "slow": slow}, device=cpu, repeats=3, min_repeats=2,
-                             min_sample_seconds=1e-9, deadline=time.perf_counter() + 0.12)
+    timed = time_interleaved({"fast": lambda: None, "slow": slow}, device=torch.device("cpu"), repeats=3,
+                             min_repeats=2, min_sample_seconds=1e-9, deadline=time.perf_counter() + 0.12)
     assert set(timed.samples) == {"fast"} and timed.dropped["slow"][0] == "budget"
-    samples, errors = timed  # unpacks like a (samples, errors) pair
-    assert samples is timed.samples and errors == {}
+    assert timed.dropped["slow"][2] >= 0.05  # the measured warm-up call, for extrapolation
 
 
 @pytest.mark.skipif(not RssHighWaterMeter.available(), reason="needs Linux /proc/self/clear_refs")
@@ -212,39 +222,57 @@ def test_cli_writes_json_and_prints_the_table(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["env"]["threads"] == 1 and doc["config"]["threads"] == 1
     assert doc["config"]["tokens"] == [32, 64] and doc["config"]["kernels"] == ["relu", "qt"]
-    assert doc["config"]["impls"] == ["linear", "sdpa"]
+    assert doc["config"]["impls"] == ["linear", "sdpa"] and doc["config"]["min_repeats"] == 2
     assert doc["env"]["malloc"]["source"].startswith("glibc defaults") or not bench_env.is_glibc() \
         or any(n in os.environ for n in bench_env.TUNED_MALLOC)
     assert {r["status"] for r in doc["results"]} == {"ok"}
     printed = capsys.readouterr().out
-    assert "qt/linear" in printed and "N=64" in printed and "target ratios" in printed
-    assert "not measured" in printed  # --quick reads the ratios at N=4096, not run here
+    assert "qt/linear" in printed and "N=64" in printed and "git" in printed
 
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--kernels", "relu,nope"], "unknown attention kernel 'nope'"),
-    (["--impl", "linear,fast"], "--impl: unknown fast"),
+    (["--impls", "linear,fast"], "impls: fast not valid"),
     (["--tokens", "64,abc"], "--tokens: 'abc' is not an integer"),
-    (["--head-dims", "0"], "--head-dims: 0 must be ≥ 1"),
+    (["--head-dims", "0"], "head_dims: need positive integers"),
     (["--repeats", "0"], "repeats must be ≥ 1"),
     (["--threads", "0"], "threads must be ≥ 1"),
+    (["--max-seconds", "soon"], "--max-seconds: 'soon' is not a number"),
 ])
 def test_cli_bad_values_fail_with_one_line(flags, message, capsys):
     rc = main(["bench", "attention", "--system-malloc", "--no-progress", *flags])
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    if "nope" in message:
-        assert "valid kernels:" in err and "qt" in err
+
+
+@pytest.mark.parametrize("module", [attention, models, pareto], ids=lambda m: m.__name__.rsplit(".", 1)[1])
+def test_generated_flags_cover_their_fields_and_round_trip(module):
+    """Every flag names a config field; giving each its default's text reproduces the default config."""
+    config_class = type(module.QUICK)
+    parser = module.register(argparse.ArgumentParser().add_subparsers())
+    fields = set(config_class.__dataclass_fields__)
+    assert set(module.HELPS) <= fields
+    default, hints = config_class(), typing.get_type_hints(config_class)
+    argv = []
+    for name in module.HELPS:
+        value = getattr(default, name)
+        kind = field_kind(hints[name])
+        if kind != "bool" and value is not None:  # switches only flip a default: below
+            argv += ["--" + name.replace("_", "-"), show_value(value, kind)]
+    assert config_from_args(default, parser.parse_args(argv), module.HELPS) == default
+    switches = [name for name in module.HELPS if isinstance(getattr(default, name), bool)]
+    flipped = config_from_args(default, parser.parse_args(
+        [("--no-" if getattr(default, n) else "--") + n.replace("_", "-") for n in switches]), module.HELPS)
+    assert all(getattr(flipped, n) is not getattr(default, n) for n in switches)
 
 
 def test_rerun_flags_reproduce_the_arguments():
-    argv = ["bench", "attention", "--kernels", "relu,qt", "--tokens", "64,128", "--backward",
-            "--repeats", "4", "--max-seconds", "12.5", "--output", "x.json", "--quick"]
-    args = build_parser().parse_args(argv)
-    again = build_parser().parse_args(["bench", "attention", *argv_from_args(args, _add_arguments)])
-    assert {k: v for k, v in vars(again).items() if k != "func"} == \
-        {k: v for k, v in vars(args).items() if k != "func"}
+    parser = attention.register(argparse.ArgumentParser().add_subparsers())
+    args = parser.parse_args(["--kernels", "relu,qt", "--tokens", "64,128", "--backward", "--repeats", "4",
+                              "--max-seconds", "12.5", "--output", "x.json", "--quick", "--no-progress"])
+    again = parser.parse_args(argv_from_args(args, parser))
+    assert vars(again) == vars(args)
 
 
 def test_malloc_rerun_decision(monkeypatch):
@@ -254,30 +282,24 @@ def test_malloc_rerun_decision(monkeypatch):
     assert not bench_env.needs_malloc_reexec(system_malloc=True)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
     assert not bench_env.needs_malloc_reexec(system_malloc=False)  # the user's setting wins
-    assert bench_env.malloc_settings()["source"] in ("user environment", "not glibc: MALLOC_* variables "
-                                                                          "have no effect")
+    assert bench_env.malloc_settings()["source"] in ("user environment",
+                                                     "not glibc: MALLOC_* variables have no effect")
 
 
 def test_cli_reruns_itself_under_tuned_malloc(monkeypatch, tmp_path):
     calls = []
-
-    def fake_call(cmd, env):
-        calls.append((cmd, env))
-        return 0
-
     for name in bench_env.TUNED_MALLOC:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(bench_env, "is_glibc", lambda: True)
-    monkeypatch.setattr("qtvit.bench.env.subprocess.call", fake_call)
+    monkeypatch.setattr("qtvit.bench.cli.subprocess.call", lambda cmd, env: calls.append((cmd, env)) or 0)
     out = tmp_path / "b.json"
     assert main(["bench", "attention", "--quick", "--kernels", "relu", "--output", str(out)]) == 0
     assert not out.exists()  # the child writes it
     (cmd, env), = calls
-    assert cmd[:5] == [sys.executable, "-m", "qtvit", "bench", "attention"]
-    assert cmd[5:] == ["--output", str(out), "--kernels", "relu", "--quick"]
+    assert cmd == [sys.executable, "-m", "qtvit", "bench", "attention", "--output", str(out), "--quick",
+                   "--kernels", "relu"]
     assert all(env[k] == v for k, v in bench_env.TUNED_MALLOC.items())
-    # what the child then records in its header
-    for k, v in env.items():
+    for k, v in env.items():  # what the child then records in its header
         monkeypatch.setenv(k, v)
     assert not bench_env.needs_malloc_reexec(system_malloc=False)
     malloc = bench_env.malloc_settings()
@@ -285,9 +307,8 @@ def test_cli_reruns_itself_under_tuned_malloc(monkeypatch, tmp_path):
 
 
 def test_quick_config_is_small():
-    variants = build_variants(QUICK)
-    assert len(variants) <= 3 and len(QUICK.tokens) * len(QUICK.head_dims) <= 3
-    assert QUICK.max_seconds <= 60 and QUICK.ratio_tokens[0] in QUICK.tokens
+    assert len(build_variants(QUICK)) <= 3 and len(QUICK.tokens) * len(QUICK.head_dims) <= 3
+    assert QUICK.max_seconds <= 60
 
 
 def test_compiled_variants_each_get_their_own_graph():
@@ -296,9 +317,8 @@ def test_compiled_variants_each_get_their_own_graph():
 
     counters.clear()
     config = AttentionBenchConfig(impls=("linear",), tokens=(32,), head_dims=(8,), heads=1, repeats=2,
-                                  min_repeats=1, min_sample_seconds=1e-4, variant_seconds=0.01,
-                                  measure_memory=False, compile=True, compile_backend="eager",
-                                  progress=False)
+                                  min_repeats=1, min_sample_seconds=1e-4, variant_seconds=0.01, memory=False,
+                                  compile=True, compile_backend="eager", progress=False)
     doc = run_attention_benchmark(config)
     ok = [r for r in doc["results"] if r["status"] == "ok"]
     assert len(ok) == len(doc["config"]["variants"]) > 8
@@ -314,11 +334,12 @@ def test_a_variant_that_fails_to_compile_is_an_error_row(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     config = AttentionBenchConfig(kernels=("relu",), impls=("linear",), tokens=(32,), head_dims=(8,),
-                                  heads=1, repeats=2, measure_memory=False, compile=True, progress=False)
+                                  heads=1, repeats=2, memory=False, compile=True, progress=False)
     (entry,) = run_attention_benchmark(config)["results"]
     assert entry["status"] == "error" and "no C++ compiler found" in entry["reason"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not any(map(__import__("shutil").which, ("c++", "g++"))),
                     reason="inductor needs a C++ compiler on CPU")
 def test_cli_compile_times_inductor_code(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""``qtvit bench models``: variants, extrapolation, skips, ratios, and a quick end-to-end run."""
+"""``qtvit bench models``: variants, MACs, skips with predictions, and a quick end-to-end run."""
 
 from __future__ import annotations
 
@@ -7,28 +7,19 @@ from dataclasses import replace
 
 import pytest
 
-from qtvit.bench.models import (
-    QUICK,
-    RATIO_SPECS,
-    ModelBenchConfig,
-    busy_warning,
-    compute_ratios,
-    fit_predict,
-    model_variants,
-    parse_sizes,
-    run_models_benchmark,
-)
+from qtvit.bench import env as bench_env
+from qtvit.bench.cli import parse_value
+from qtvit.bench.models import QUICK, ModelBenchConfig, count_macs_g, model_variants, run_models_benchmark
 from qtvit.cli import main
 from qtvit.errors import QtvitError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# The quick run, made smaller still: 48 px, batch 2, two samples; no budget can cut it short.
-TINY = replace(QUICK, resolutions=((48, 48),), batch_size=2, warmup=1, repeats=2, min_repeats=2,
-               variant_seconds=0.1, min_sample_seconds=0.002, train_repeats=2, sweep=True,
-               sweep_sizes=((48, 48), (64, 64)), sweep_repeats=2, ratio_size=(48, 48),
-               ratio_sweep_size=(64, 64), max_seconds=900, sweep_max_seconds=900, progress=False,
-               count_macs=False)
+# The quick run, made smaller still: the smallest model, 48 px, batch 2, two samples.
+TINY = replace(QUICK, models=("qtvit_b0",), resolutions=((48, 48),), batch_size=2, warmup=1, repeats=2,
+               min_repeats=2, variant_seconds=0.1, min_sample_seconds=0.002, train_repeats=2, sweep=True,
+               sweep_sizes=((48, 48), (64, 64)), sweep_repeats=2, max_seconds=900, sweep_max_seconds=900,
+               progress=False, macs=False)
 
 
 def test_variants_of_a_qtvit_model_are_its_three_twins_and_timm():
@@ -55,23 +46,11 @@ def test_bad_model_and_variant_names_raise_listing_the_valid_ones():
         ModelBenchConfig(models=("qtvit_vit_micro",), variants=("timm",)).validate()
 
 
-def test_fit_predict_recovers_linear_and_quadratic_costs():
-    lin = [(100, 2.0), (400, 8.0)]
-    assert fit_predict(lin, 1600, quadratic=True) == pytest.approx(32.0)  # two points: the fit decides
-    quad = [(p, 1e-3 * p + 1e-6 * p * p) for p in (100, 400)]
-    assert fit_predict(quad, 3200, quadratic=False) == pytest.approx(1e-3 * 3200 + 1e-6 * 3200**2)
-    assert fit_predict([(100, 1.0)], 400, quadratic=False) == pytest.approx(4.0)
-    assert fit_predict([(100, 1.0)], 400, quadratic=True) == pytest.approx(16.0)
-    # a fixed overhead (b < 0 from the fit) falls back to proportional-to-pixels from the largest point
-    assert fit_predict([(100, 5.0), (400, 8.0)], 800, quadratic=True) == pytest.approx(16.0)
-    assert fit_predict([], 100, quadratic=True) is None
-
-
-def test_parse_sizes_and_bad_sizes():
-    assert parse_sizes("--r", "224, 1024x2048,512×256") == ((224, 224), (1024, 2048), (512, 256))
+def test_size_flags_parse_and_bad_sizes_fail():
+    assert parse_value("--r", "sizes", "224, 1024x2048,512×256") == ((224, 224), (1024, 2048), (512, 256))
     for bad in ("16", "abc", "1x2x3", ""):
         with pytest.raises(QtvitError):
-            parse_sizes("--r", bad)
+            parse_value("--r", "sizes", bad)
 
 
 def test_cli_errors_are_one_line(capsys):
@@ -84,108 +63,56 @@ def test_cli_errors_are_one_line(capsys):
     assert "unknown variant(s) nope" in capsys.readouterr().err
 
 
-def _entry(variant, mode, batch, size, ms=None, mb=None, status="ok", **extra):
-    e = {"model": "qtvit_b1", "variant": variant, "mode": mode, "batch": batch, "resolution": list(size),
-         "status": status, "skip": None if status == "ok" else "memory",
-         "reason": None if status == "ok" else "x"}
-    if status == "ok":
-        e.update(median_ms=ms, min_ms=ms * 0.9, peak_mb=mb)
-    e.update(extra)
-    return e
+def test_macs_are_counted_per_variant_and_size():
+    qt, softmax = model_variants("qtvit_b0", ("qt", "softmax"))
+    # the attention matmuls are counted: at 128 px (64 and 16 tokens) softmax's N² products cost more
+    assert 0 < count_macs_g(qt.build, (128, 128)) < count_macs_g(softmax.build, (128, 128)) < 0.1
+    # linear attention: MACs ∝ pixels up to the head's fixed cost
+    small, large = count_macs_g(qt.build, (128, 128)), count_macs_g(qt.build, (256, 256))
+    assert large == pytest.approx(4 * small, rel=0.05)
 
 
-def test_ratios_from_a_hand_made_document():
-    cfg = ModelBenchConfig(batch_size=8, train_step=True, sweep=True)
-    r224, r2k = (224, 224), (2048, 2048)
-    doc = {"models": [{"model": "qtvit_b1"}], "results": [
-        _entry("qt", "forward", 1, r224, 11.0), _entry("relu", "forward", 1, r224, 10.0),
-        _entry("timm", "forward", 1, r224, 10.0), _entry("qt", "forward", 8, r224, 55.0),
-        _entry("relu", "forward", 8, r224, 50.0), _entry("timm", "forward", 8, r224, 40.0),
-        _entry("qt", "train", 8, r224, 100.0), _entry("timm", "train", 8, r224, 90.0),
-    ], "sweep": [
-        _entry("qt", "sweep", 1, r2k, 1000.0, 500.0),
-        # softmax too big to run: the ratio uses its prediction and says so
-        _entry("softmax", "sweep", 1, r2k, status="skipped", predicted_ms=9000.0, predicted_peak_mb=4000.0),
-    ]}
-    ratios = {r["name"]: r for r in compute_ratios(doc, cfg)}
-    assert set(ratios) == {s.name for s in RATIO_SPECS}
-    assert ratios["qt_vs_relu_latency_b1"]["value"] == pytest.approx(1.1)
-    assert ratios["qt_vs_relu_latency_b1"]["met"]
-    assert ratios["qt_vs_relu_latency_bN"]["value"] == pytest.approx(1.1)
-    assert ratios["qt_vs_timm_latency_bN"]["value"] == pytest.approx(1.375)
-    assert ratios["qt_vs_timm_latency_bN"]["met"] is False
-    assert ratios["qt_vs_timm_train_throughput"]["value"] == pytest.approx(0.9)  # 8/0.1 ÷ 8/0.09
-    hires = ratios["softmax_vs_qt_latency_hires"]
-    assert hires["value"] == pytest.approx(9.0) and hires["basis"] == "predicted" and hires["met"]
-    assert ratios["qt_vs_softmax_peak_hires"]["value"] == pytest.approx(0.125)
-    assert all(r["applies"] for r in ratios.values())
-    # a main-table target never rests on a prediction: a skipped timm train step leaves it open
-    doc["results"][-1] = _entry("timm", "train", 8, r224, status="skipped", predicted_ms=900.0)
-    train = {r["name"]: r for r in compute_ratios(doc, cfg)}["qt_vs_timm_train_throughput"]
-    assert train["value"] is None and "not measured" in train["reason"]
-    # nothing measured: every ratio says why instead of a value
-    nothing = {"models": [{"model": "qtvit_b1"}], "results": [], "sweep": []}
-    empty = compute_ratios(nothing, ModelBenchConfig())
-    assert all(r["value"] is None and r["reason"] for r in empty)
-    assert any("--train-step" in r["reason"] for r in empty)
-
-
-def test_configs_predicted_too_big_or_slow_are_skipped_with_the_prediction():
-    base = replace(TINY, models=("qtvit_b0",), variants=("qt",), train_step=False)
-    doc = run_models_benchmark(replace(base, max_call_seconds=1e-9))
-    first, second = doc["results"]  # batch 1 runs (no history yet); batch 2 is predicted from it
-    assert first["status"] == "ok"
+def test_configs_predicted_too_slow_are_skipped_with_the_prediction():
+    doc = run_models_benchmark(replace(TINY, variants=("qt",), train_step=False, sweep=False,
+                                       max_call_seconds=1e-9))
+    first, second = doc["results"]  # batch 1: dropped after its warm-up call; batch 2 predicted from it
+    assert first["skip"] == "time" and "warm-up call took" in first["reason"]
     assert second["status"] == "skipped" and second["skip"] == "time" and second["predicted_ms"] > 0
-    assert [e["skip"] for e in doc["sweep"]] == ["time", "time"]
-    doc = run_models_benchmark(replace(base, memory_fraction=1e-12))
-    if doc["results"][0]["peak_mb"] is None:
-        pytest.skip("no peak-memory meter on this platform")
-    second = doc["results"][1]
-    assert second["skip"] == "memory" and second["predicted_peak_mb"] > 0 and "available" in second["reason"]
+    assert "predicted" in second["reason"]
 
 
-def test_quick_run_fills_every_table_and_ratio(tmp_path):
+def test_quick_run_fills_every_table(tmp_path):
     out, png = tmp_path / "models.json", tmp_path / "sweep.png"
-    doc = run_models_benchmark(TINY, checkpoint=out)
+    doc = run_models_benchmark(replace(TINY, variants=("qt", "timm")), checkpoint=out)  # both builders
     loaded = json.loads(out.read_text())
-    assert loaded["benchmark"] == "models" and loaded["env"]["torch"] and loaded["complete"]
-    assert [v["variant"] for v in loaded["models"][0]["variants"]] == ["qt", "relu", "softmax", "timm"]
+    assert loaded == json.loads(json.dumps(doc)) and loaded["benchmark"] == "models" and loaded["complete"]
+    assert [v["variant"] for v in loaded["models"][0]["variants"]] == ["qt", "timm"]
     assert all(v["params"] > 1e6 for v in loaded["models"][0]["variants"])
-    modes = {(e["variant"], e["mode"], e["batch"]) for e in doc["results"]}
-    assert modes == {(v, m, b) for v in ("qt", "relu", "softmax", "timm")
-                     for m, b in (("forward", 1), ("forward", 2), ("train", 2))}
-    for e in doc["results"] + doc["sweep"]:
+    modes = {(e["variant"], e["mode"], e["batch"], tuple(e["resolution"])) for e in doc["results"]}
+    steps = (("forward", 1, (48, 48)), ("forward", 2, (48, 48)), ("train", 2, (48, 48)),
+             ("sweep", 1, (48, 48)), ("sweep", 1, (64, 64)))
+    assert modes == {(v, *step) for v in ("qt", "timm") for step in steps}
+    for e in doc["results"]:
         assert e["status"] == "ok", e
-        assert e["median_ms"] > 0 and e["min_ms"] <= e["median_ms"] and e["images_per_s"] > 0
+        assert e["median_ms"] > 0 and e["min_ms"] <= e["median_ms"]
+        assert e["per_s"] == pytest.approx(e["batch"] * 1e3 / e["median_ms"])
         assert e["peak_mb"] is None or e["peak_mb"] >= 0
-    assert {tuple(e["resolution"]) for e in doc["sweep"]} == {(48, 48), (64, 64)}
-    ratios = [r for r in doc["ratios"] if r["model"] == "qtvit_b1"]
-    assert len(ratios) == len(RATIO_SPECS)
-    for r in ratios:
-        assert r["applies"] and r["basis"] == "measured" and r["value"] > 0 and isinstance(r["met"], bool), r
-    from qtvit.bench.models import format_ratios, format_sweep, format_table
-    from qtvit.bench.plots import plot_resolution_sweep
+    from qtvit.bench.models import format_sweep, format_table
+    from qtvit.bench.plots import plot_model_bars, plot_resolution_sweep
 
-    text = "\n".join(format_table(doc) + format_sweep(doc) + format_ratios(doc))
-    assert "qtvit_b1 at 48×48" in text and "relu twin (EfficientViT)" in text
+    text = "\n".join(format_table(doc) + format_sweep(doc))
+    assert "qtvit_b0 at 48×48" in text and "timm efficientvit_b0" in text and "64×64" in text
     plot_resolution_sweep(doc, png)
     assert png.read_bytes()[:8] == PNG_MAGIC
-
-
-def test_macs_are_counted_per_variant_and_size():
-    cfg = replace(TINY, models=("qtvit_b0",), variants=("qt", "softmax"), count_macs=True, train_step=False,
-                  sweep=False, batch_size=1, resolutions=((128, 128),))
-    doc = run_models_benchmark(cfg)
-    macs = {e["variant"]: e["macs_g"] for e in doc["results"]}
-    # the attention matmuls are counted: at 128 px (64 and 16 tokens) softmax's N² products cost more
-    assert 0 < macs["qt"] < macs["softmax"] < 0.1
+    plot_model_bars(doc, png)
+    assert png.read_bytes()[:8] == PNG_MAGIC
 
 
 def test_busy_machine_warning():
     quiet = {"device": "cpu", "cpu_usable": 2,
              "load_start": {"loadavg": [0.5, 0.4, 0.3], "cpu_pressure_avg10": 1.0},
              "load_end": {"loadavg": [0.6, 0.5, 0.3], "cpu_pressure_avg10": 2.0}}
-    assert busy_warning(quiet) is None
+    assert bench_env.busy_warning(quiet) is None
     busy = {**quiet, "load_end": {"loadavg": [5.4, 5.0, 4.0], "cpu_pressure_avg10": 98.0}}
-    assert "busy" in busy_warning(busy) and "98%" in busy_warning(busy)
-    assert busy_warning({**busy, "device": "cuda"}) is None  # GPU timings do not share the cores
+    assert "busy" in bench_env.busy_warning(busy) and "98%" in bench_env.busy_warning(busy)
+    assert bench_env.busy_warning({**busy, "device": "cuda"}) is None  # GPU timings do not share the cores

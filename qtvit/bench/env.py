@@ -14,15 +14,14 @@ steady state). glibc reads them only at start-up, so the benchmark re-runs itsel
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
+import gc
 import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -87,8 +86,21 @@ def usable_cpus() -> int | None:
     return os.cpu_count()
 
 
+# A machine that receives the tree without .git (a GPU box) is told the commit instead, e.g.
+# QTVIT_GIT_COMMIT=$(git describe --always --dirty --abbrev=40): "<sha>" or "<sha>-dirty".
+GIT_COMMIT_VARIABLE = "QTVIT_GIT_COMMIT"
+
+
 def git_commit(path: str | Path | None = None) -> dict[str, object] | None:
-    """``{"commit", "dirty"}`` of the git checkout holding ``path`` (default: this package), or None."""
+    """``{"commit", "dirty", "source"}`` of the code that runs, or None when nobody can tell.
+
+    ``QTVIT_GIT_COMMIT`` wins when set (``<sha>`` or ``<sha>-dirty``); otherwise the git checkout
+    holding ``path`` (default: this package); dirty = tracked files differ from the commit.
+    """
+    given = os.environ.get(GIT_COMMIT_VARIABLE, "").strip()
+    if given:
+        commit = given.removesuffix("-dirty")
+        return {"commit": commit, "dirty": commit != given, "source": GIT_COMMIT_VARIABLE}
     where = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
@@ -97,7 +109,15 @@ def git_commit(path: str | Path | None = None) -> dict[str, object] | None:
                                 capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return {"commit": commit, "dirty": bool(status.strip())}
+    return {"commit": commit, "dirty": bool(status.strip()), "source": "git"}
+
+
+def describe_commit(env: dict) -> str:
+    """``git 1a2b3c4d5e``, ``git 1a2b3c4d5e (DIRTY TREE)`` or ``no git commit recorded``, for tables."""
+    git = env.get("git")
+    if not git:
+        return "no git commit recorded"
+    return f"git {git['commit'][:10]}{' (DIRTY TREE)' if git['dirty'] else ''}"
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
@@ -186,11 +206,6 @@ def _cpu_capability() -> str | None:
 
 def format_environment(env: dict) -> list[str]:
     """The header as a few readable lines."""
-    git = env.get("git")
-    if git:
-        git_text = f"git {git['commit'][:10]}{' (dirty)' if git['dirty'] else ''}"
-    else:
-        git_text = "no git checkout"
     malloc = env["malloc"]
     if malloc["tuned"] or any(malloc.get(n) for n in TUNED_MALLOC):
         malloc_text = " ".join(f"{n}={malloc.get(n)}" for n in TUNED_MALLOC)
@@ -198,68 +213,13 @@ def format_environment(env: dict) -> list[str]:
         malloc_text = "default thresholds"
     device = env["device"] if env["device"] == "cpu" else f"{env['device']} ({env['device_name']})"
     return [
-        f"date {env['date']}, {git_text}, host {env['host']}",
+        f"date {env['date']}, {describe_commit(env)}, host {env['host']}",
         f"CPU {env['cpu_model']} ({env['cpu_capability'] or '?'}), {env['cpu_count']} cores "
         f"({env['cpu_usable']} usable), torch {env['torch']}, threads {env['threads']} "
         f"(interop {env['interop_threads']})",
         f"device {device}, dtype {env['dtype']}",
         f"malloc: {malloc_text} [{malloc['source']}; {malloc['libc'] or 'unknown libc'}]",
     ]
-
-
-def argv_from_args(args: argparse.Namespace, add_arguments: Callable[[argparse.ArgumentParser], None]
-                   ) -> list[str]:
-    """The flags that reproduce ``args`` for a parser built by ``add_arguments``."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_arguments(parser)
-    argv: list[str] = []
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if value is None or value is False:
-            continue
-        flag = action.option_strings[0]
-        argv += [flag] if value is True else [flag, str(value)]
-    return argv
-
-
-def rerun_with_tuned_malloc(benchmark: str, args: argparse.Namespace,
-                            add_arguments: Callable[[argparse.ArgumentParser], None]) -> int | None:
-    """Re-run ``qtvit bench <benchmark>`` under :data:`qtvit.bench.env.TUNED_MALLOC` when needed.
-
-    Returns the child's exit code, or None when this process should run the benchmark itself.
-    """
-    if not needs_malloc_reexec(getattr(args, "system_malloc", False)):
-        return None
-    cmd = [sys.executable, "-m", "qtvit", "bench", benchmark, *argv_from_args(args, add_arguments)]
-    environ = tuned_environ()
-    if getattr(args, "debug", False):
-        environ["QTVIT_DEBUG"] = "1"
-    settings = " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())
-    print(f"qtvit bench: re-running with {settings} (--system-malloc to keep the defaults)",
-          file=sys.stderr, flush=True)
-    code = subprocess.call(cmd, env=environ)
-    return code if code >= 0 else 128 - code
-
-
-def config_from_flags(base, args: argparse.Namespace, flags: Sequence[str], **extra):
-    """``base`` (a benchmark config dataclass) with the command-line values the user gave.
-
-    Every name of ``flags`` that is not None on ``args`` is copied; ``--repeats`` also lowers
-    ``min_repeats``; the shared --no-progress/--system-malloc switches and ``extra`` are applied.
-    ``validate()`` failures become one ``QtvitError`` line.
-    """
-    from ..errors import QtvitError
-
-    over: dict[str, object] = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
-    if getattr(args, "repeats", None) is not None:
-        over["min_repeats"] = min(base.min_repeats, args.repeats)
-    over.update(progress=not args.no_progress, system_malloc=args.system_malloc, **extra)
-    config = replace(base, **over)
-    try:
-        config.validate()
-    except ValueError as err:
-        raise QtvitError(f"bad setting: {err}") from None
-    return config
 
 
 @contextlib.contextmanager
@@ -282,3 +242,38 @@ def compile_scope(enabled: bool, graphs: int) -> Iterator[None]:
             yield
     finally:
         torch.compiler.reset()
+
+
+def busy_warning(env: dict) -> str | None:
+    """A warning line when the CPU was busy during the run (timings then say little), else None.
+
+    Busy: CPU pressure (PSI ``some avg10``) above 20% at the start or end, or a 1-minute load
+    average above the usable CPUs. With every core shared, each OpenMP parallel region can wait
+    a scheduler time slice for a descheduled thread, which inflates models of many small ops most.
+    """
+    usable = env.get("cpu_usable") or env.get("cpu_count") or 1
+    notes = []
+    for when in ("load_start", "load_end"):
+        load = env.get(when) or {}
+        pressure, loadavg = load.get("cpu_pressure_avg10"), load.get("loadavg")
+        if (pressure is not None and pressure > 20) or (loadavg and loadavg[0] > usable):
+            notes.append(f"{when.removeprefix('load_')}: {format_load(load)}")
+    if not notes or env.get("device", "cpu") != "cpu":
+        return None
+    return ("warning: the machine was busy (" + "; ".join(notes) + f"; {usable} usable CPUs): "
+            "these CPU timings are unreliable, re-run on a quiet machine")
+
+
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Exclude every object alive now from garbage collection until the block ends (``gc.freeze``).
+
+    The peak-memory meter runs ``gc.collect()`` before each measurement; with timm imported a
+    full collection scans ~400k objects (0.3 s or more per call). Frozen objects are still
+    freed by reference counting; only cycles among them wait until the block ends.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -1,19 +1,15 @@
 """``qtvit bench pareto``: the paper's Figure 1 on this device — latency vs ImageNet top-1.
 
-Times QT-ViT-1..6 (ours), EfficientViT-B1..L3 (timm's ``efficientvit_*``) and the other
-families of the paper's comparison that timm can build (EfficientNet, EfficientNetV2,
-ConvNeXt, Swin, SwinV2, PoolFormer, MobileViT, MobileViTv2, DeiT, EfficientFormer, CoAtNet,
-MaxViT), all with random weights (``pretrained=False``: weights do not change the time), at
-one resolution (default 224) and one or more batch sizes, then marks the Pareto front of
-(latency ↓, top-1 ↑). Top-1 values are the published ImageNet-1k numbers in
-:data:`PAPER_MODELS`, each with its source and the resolution it was measured at (which can
-differ from the timing resolution: EfficientNet-B3 is 81.6 at 300 px but is timed at 224 like
-everything else, as in the paper's figure).
-
-Each model is built, timed (:func:`qtvit.bench.timing.time_interleaved`: warm-up, looped
-samples, median and spread) and freed before the next, since holding all of them would take
-several GB. Machine drift over the run is tracked by timing QT-ViT-1 (or the first model)
-again at the end: ``drift`` = last ÷ first.
+Times QT-ViT-1..6 and their EfficientViT twins (both built by qtvit, so the pair differs only
+in the attention), timm's ``efficientvit_*`` beside them, and the other families of the paper's
+comparison that timm can build (EfficientNet, EfficientNetV2, ConvNeXt, Swin, SwinV2, PoolFormer,
+MobileViT, MobileViTv2, DeiT, EfficientFormer, CoAtNet, MaxViT), all with random weights
+(``pretrained=False``: weights do not change the time). Every selected model is timed in the same
+interleaved step of the shared runner (:mod:`qtvit.bench.runner`), once per batch size, so machine
+drift hits all alike; all of them are held in memory at once. Each model runs at the resolution
+its published top-1 belongs to (``resolution`` overrides that, and the table then says the
+accuracy is not the timed resolution's). The Pareto front of (median latency ↓, top-1 ↑) is
+marked; medians and minima are both reported.
 
 Outputs in ``output_dir``: ``pareto.json`` (environment header, config, rows, front),
 ``pareto.csv`` (one row per model and batch size) and ``pareto_b{batch}.png``.
@@ -23,33 +19,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import fnmatch
-import gc
-import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
-from ..errors import QtvitError
+from ..io import atomic_output
 from ..models import create_model, get_model_card
-from . import env as bench_env
-from .attention import write_json
-from .models import (
-    DTYPES,
-    busy_warning,
-    frozen_gc,
-    import_timm,
-    parse_device,
-    parse_sizes,
-)
-from .timing import VARIANT_ERRORS, time_interleaved
-
-SCHEMA_VERSION = 1
-Echo = Callable[[str], None]
+from .cli import add_benchmark
+from .env import frozen_gc
+from .models import Size, forward_call, import_timm, prepare
+from .runner import DTYPES, BenchConfig, Echo, Job, Sweep, format_footer, format_header
 
 
 @dataclass(frozen=True)
@@ -78,23 +61,23 @@ def _family(family: str, source: str, cite: str, rows: Sequence[tuple], **kwargs
             for name, arch, top1, size in rows]
 
 
-def _qtvit_rows() -> list[tuple]:
-    rows = []
-    for i, size in enumerate(("b1", "b2", "b3", "l1", "l2", "l3"), start=1):
-        card = get_model_card(f"qtvit_{size}")
-        rows.append((card.paper_name or f"QT-ViT-{i}", f"qtvit_{size}", card.top1, 224))
-    return rows
-
+_EFFVIT = ("b1", "b2", "b3", "l1", "l2", "l3")
+_EFFVIT_TOP1 = (79.4, 82.1, 83.5, 84.5, 85.1, 85.8)  # EfficientViT paper, r224 models
+_EFFVIT_CITE = "EfficientViT (Cai et al., ICCV 2023), r224 models"
 
 # Published ImageNet-1k top-1 (%) of every model in the comparison, from each model's own paper
 # (the numbers the QT-ViT/EfficientViT comparison tables quote). Resolution = that of the number.
 PAPER_MODELS: tuple[ParetoModel, ...] = tuple(
-    _family("QT-ViT", "qtvit", "QT-ViT (Xu et al., NeurIPS 2024) Table 1, via the model card (SPEC §4)",
-            _qtvit_rows())
-    + _family("EfficientViT", "timm", "EfficientViT (Cai et al., ICCV 2023), r224 models; SPEC §4", [
-        ("EfficientViT-B1", "efficientvit_b1", 79.4, 224), ("EfficientViT-B2", "efficientvit_b2", 82.1, 224),
-        ("EfficientViT-B3", "efficientvit_b3", 83.5, 224), ("EfficientViT-L1", "efficientvit_l1", 84.5, 224),
-        ("EfficientViT-L2", "efficientvit_l2", 85.1, 224), ("EfficientViT-L3", "efficientvit_l3", 85.8, 224)])
+    _family("QT-ViT", "qtvit", "QT-ViT (Xu et al., NeurIPS 2024) Table 1, via the model card",
+            [(get_model_card(f"qtvit_{s}").paper_name or f"QT-ViT-{i}", f"qtvit_{s}",
+              get_model_card(f"qtvit_{s}").top1, 224) for i, s in enumerate(_EFFVIT, 1)])
+    + _family("EfficientViT (qtvit)", "qtvit", _EFFVIT_CITE,
+              [(f"EfficientViT-{s.upper()} (qtvit)", f"qtvit_{s}", t, 224)
+               for s, t in zip(_EFFVIT, _EFFVIT_TOP1, strict=True)],
+              kernel="relu", ape=False, shortcut=False)
+    + _family("EfficientViT (timm)", "timm", _EFFVIT_CITE,
+              [(f"EfficientViT-{s.upper()}", f"efficientvit_{s}", t, 224)
+               for s, t in zip(_EFFVIT, _EFFVIT_TOP1, strict=True)])
     + _family("EfficientNet", "timm", "EfficientNet (Tan & Le, ICML 2019) Table 2", [
         ("EfficientNet-B0", "efficientnet_b0", 77.1, 224), ("EfficientNet-B1", "efficientnet_b1", 79.1, 240),
         ("EfficientNet-B2", "efficientnet_b2", 80.1, 260), ("EfficientNet-B3", "efficientnet_b3", 81.6, 300),
@@ -110,10 +93,10 @@ PAPER_MODELS: tuple[ParetoModel, ...] = tuple(
         ("Swin-T", "swin_tiny_patch4_window7_224", 81.3, 224),
         ("Swin-S", "swin_small_patch4_window7_224", 83.0, 224),
         ("Swin-B", "swin_base_patch4_window7_224", 83.5, 224)])
-    + _family("SwinV2", "timm", "Swin Transformer V2 (Liu et al., CVPR 2022), ImageNet-1k, window 8 at 256", [
+    + _family("SwinV2", "timm", "Swin Transformer V2 (Liu et al., CVPR 2022), ImageNet-1k, window 8", [
         ("SwinV2-T", "swinv2_tiny_window8_256", 81.8, 256),
         ("SwinV2-S", "swinv2_small_window8_256", 83.7, 256),
-        ("SwinV2-B", "swinv2_base_window8_256", 84.2, 256)], img_size=224)
+        ("SwinV2-B", "swinv2_base_window8_256", 84.2, 256)])
     + _family("PoolFormer", "timm", "MetaFormer/PoolFormer (Yu et al., CVPR 2022) Table 1", [
         ("PoolFormer-S12", "poolformer_s12", 77.2, 224), ("PoolFormer-S24", "poolformer_s24", 80.3, 224),
         ("PoolFormer-S36", "poolformer_s36", 81.4, 224), ("PoolFormer-M36", "poolformer_m36", 82.1, 224),
@@ -121,8 +104,7 @@ PAPER_MODELS: tuple[ParetoModel, ...] = tuple(
     + _family("MobileViT", "timm", "MobileViT (Mehta & Rastegari, ICLR 2022), 256 px", [
         ("MobileViT-XXS", "mobilevit_xxs", 69.0, 256), ("MobileViT-XS", "mobilevit_xs", 74.8, 256),
         ("MobileViT-S", "mobilevit_s", 78.4, 256)])
-    + _family("MobileViTv2", "timm", "MobileViTv2 (Mehta & Rastegari, 2022, separable self-attention), "
-              "256 px", [
+    + _family("MobileViTv2", "timm", "MobileViTv2 (Mehta & Rastegari, 2022, separable attention), 256 px", [
         ("MobileViTv2-0.5", "mobilevitv2_050", 70.2, 256), ("MobileViTv2-0.75", "mobilevitv2_075", 75.6, 256),
         ("MobileViTv2-1.0", "mobilevitv2_100", 78.1, 256), ("MobileViTv2-1.25", "mobilevitv2_125", 79.7, 256),
         ("MobileViTv2-1.5", "mobilevitv2_150", 80.4, 256), ("MobileViTv2-1.75", "mobilevitv2_175", 80.8, 256),
@@ -141,6 +123,8 @@ PAPER_MODELS: tuple[ParetoModel, ...] = tuple(
         ("MaxViT-T", "maxvit_tiny_tf_224", 83.6, 224), ("MaxViT-S", "maxvit_small_tf_224", 84.5, 224),
         ("MaxViT-B", "maxvit_base_tf_224", 85.0, 224)])
 )
+# models whose timm builder takes a fixed input size: told the timed one
+_FIXED_SIZE = ("SwinV2", "Swin", "CoAtNet", "MaxViT", "EfficientFormer")
 
 
 def select_models(patterns: Sequence[str] | None) -> list[ParetoModel]:
@@ -152,12 +136,11 @@ def select_models(patterns: Sequence[str] | None) -> list[ParetoModel]:
         return list(PAPER_MODELS)
     chosen: list[ParetoModel] = []
     for pattern in patterns:
-        pat = pattern.lower()
         hits = [m for m in PAPER_MODELS
-                if any(fnmatch.fnmatchcase(s.lower(), pat) for s in (m.name, m.family, m.arch))]
+                if any(fnmatch.fnmatchcase(s.lower(), pattern.lower()) for s in (m.name, m.family, m.arch))]
         if not hits:
-            names = ", ".join(m.name for m in PAPER_MODELS)
             families = ", ".join(dict.fromkeys(m.family for m in PAPER_MODELS))
+            names = ", ".join(m.name for m in PAPER_MODELS)
             raise ValueError(f"no model matches {pattern!r}; names: {names}; families: {families}")
         chosen += [m for m in hits if m not in chosen]
     return chosen
@@ -169,337 +152,181 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     A point is dominated when another has latency ≤ and accuracy ≥ with at least one strict.
     Exact duplicates do not dominate each other (both stay on the front).
     """
-    front = []
-    for i, (lat_i, acc_i) in enumerate(points):
-        dominated = any(lat_j <= lat_i and acc_j >= acc_i and (lat_j < lat_i or acc_j > acc_i)
-                        for j, (lat_j, acc_j) in enumerate(points) if j != i)
-        if not dominated:
-            front.append(i)
+    front = [i for i, (lat_i, acc_i) in enumerate(points)
+             if not any(lat_j <= lat_i and acc_j >= acc_i and (lat_j < lat_i or acc_j > acc_i)
+                        for j, (lat_j, acc_j) in enumerate(points) if j != i)]
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
-# ----------------------------------------------------------------------------- configuration
-
-
 @dataclass(frozen=True)
-class ParetoConfig:
-    """Settings of one ``qtvit bench pareto`` run."""
+class ParetoConfig(BenchConfig):
+    """Settings of one ``qtvit bench pareto`` run (the CLI flags map onto these fields)."""
 
     models: tuple[str, ...] | None = None  # patterns; None: every model in PAPER_MODELS
-    resolution: tuple[int, int] = (224, 224)
+    resolution: Size | None = None  # None: each model at the resolution of its published top-1
     batch_sizes: tuple[int, ...] = (1,)
-    dtype: str = "float32"
-    device: str = "cpu"
     channels_last: bool = False
     warmup: int = 2
     repeats: int = 7
-    min_repeats: int = 3
     variant_seconds: float = 3.0
     min_sample_seconds: float = 0.05
-    max_seconds: float = 900.0
-    seed: int = 0
-    progress: bool = True
-    system_malloc: bool = False
+    max_call_seconds: float = 30.0
+    max_seconds: float = 1200.0
+    memory: bool = False
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad setting."""
+        super().validate()
         select_models(self.models)
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch_sizes must be positive, got {self.batch_sizes!r}")
-        if len(self.resolution) != 2 or min(self.resolution) < 32:
+        if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 32):
             raise ValueError(f"resolution must be (H, W) ≥ 32, got {self.resolution!r}")
-        for name in ("repeats", "min_repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be ≥ 0, got {self.warmup}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} not supported; choose from {', '.join(DTYPES)}")
-        device = parse_device(self.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r}: CUDA is not available in this torch build/machine")
 
 
 # `--quick`: three small models at 64 px — a smoke test of the whole pipeline in seconds.
-QUICK = ParetoConfig(models=("QT-ViT-1", "EfficientViT-B1", "PoolFormer-S12"), resolution=(64, 64),
-                     warmup=1, repeats=2, min_repeats=2, variant_seconds=0.3, min_sample_seconds=0.01,
-                     max_seconds=120.0)
+QUICK = ParetoConfig(models=("QT-ViT-1", "EfficientViT-B1 (qtvit)", "PoolFormer-S12"),
+                     resolution=(64, 64), warmup=1, repeats=2, min_repeats=2, variant_seconds=0.3,
+                     min_sample_seconds=0.01, max_seconds=120.0)
+
+# the fields that are command-line flags, with their help
+HELPS = {
+    "models": "names, families or archs, globs allowed (e.g. 'QT-ViT*,ConvNeXt'), or all",
+    "resolution": "one input size for every model, N or HxW (default: each at its top-1's resolution)",
+    "batch_sizes": "batch sizes", "dtype": "weights/input dtype", "device": "cpu or cuda[:i]",
+    "threads": "torch intra-op threads", "channels_last": "channels_last inputs",
+    "compile": "torch.compile every model", "repeats": "timed samples per model",
+    "warmup": "warm-up calls per model", "max_seconds": "budget of the whole run (s)",
+    "max_call_seconds": "drop models slower than this per call (s)", "memory": "also measure peak memory",
+    "progress": "progress output on stderr",
+    "system_malloc": "keep glibc's malloc thresholds (default: re-run with tuned ones, qtvit/bench/env.py)",
+}
 
 
-# ----------------------------------------------------------------------------------- running
+def _timed_size(spec: ParetoModel, config: ParetoConfig) -> Size:
+    return config.resolution or (spec.top1_size, spec.top1_size)
 
 
-def _error_text(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {text[:300]}"
-
-
-def _time_model(model: nn.Module, config: ParetoConfig, device: torch.device, batch: int) -> dict:
-    dtype = DTYPES[config.dtype]
-    g = torch.Generator().manual_seed(config.seed + batch)
-    x = torch.randn(batch, 3, *config.resolution, generator=g).to(device, dtype)
-    if config.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def call() -> torch.Tensor:
-        with torch.inference_mode():
-            return model(x)
-
-    samples, errors = time_interleaved({"m": call}, device=device, warmup=config.warmup,
-                                       repeats=config.repeats, min_repeats=config.min_repeats,
-                                       min_sample_seconds=config.min_sample_seconds,
-                                       variant_seconds=config.variant_seconds)
-    if errors:
-        raise errors["m"]
-    return samples["m"].stats()
-
-
-def _macs(spec: ParetoModel, size: tuple[int, int]) -> float | None:
-    from ..models.macs import count_macs
-
-    try:
-        with torch.device("meta"):
-            meta = spec.build()
-        return count_macs(meta, (1, 3, *size)) / 1e9
-    except Exception:  # noqa: BLE001 - informative only
-        return None
+def _build(spec: ParetoModel, config: ParetoConfig, size: Size, batch: int):
+    if spec.family in _FIXED_SIZE and size != (spec.top1_size, spec.top1_size):
+        spec = dataclasses.replace(spec, kwargs={**spec.kwargs, "img_size": size})
+    model = prepare(spec.build(), config, DTYPES[config.dtype], config.channels_last)
+    return forward_call(model, config, size, batch, DTYPES[config.dtype], config.channels_last)
 
 
 def run_pareto_benchmark(config: ParetoConfig | None = None, echo: Echo | None = None,
                          output_dir: str | Path | None = None) -> dict:
     """Time every selected model, mark the Pareto front; write JSON/CSV/PNG to ``output_dir`` if given."""
-    with frozen_gc():
-        return _run_pareto(config, echo, output_dir)
-
-
-def _run_pareto(config: ParetoConfig | None, echo: Echo | None, output_dir: str | Path | None) -> dict:
     config = config or ParetoConfig()
     config.validate()
-    device, dtype = parse_device(config.device), DTYPES[config.dtype]
     specs = select_models(config.models)
-    doc = {
-        "benchmark": "pareto", "schema_version": SCHEMA_VERSION,
-        "env": bench_env.collect_environment(device, dtype, config.system_malloc),
-        "config": {**asdict(config), "timing_method": "per model: warm-up, then samples looped to "
-                   "min_sample_seconds; median ms per call (wall clock, CUDA synchronised)"},
-        "rows": [], "front": {}, "drift": None, "elapsed_seconds": 0.0, "complete": False,
-    }
-    doc["env"]["load_start"] = bench_env.machine_load()
-    if echo:
-        echo("qtvit bench pareto")
-        for line in bench_env.format_environment(doc["env"]):
-            echo(f"  {line}")
-        echo(f"  machine load at the start: {bench_env.format_load(doc['env']['load_start'])}")
-        echo(f"  {len(specs)} models at {config.resolution[0]}×{config.resolution[1]}, batch "
-             f"{', '.join(map(str, config.batch_sizes))}, random weights\n")
-    start = time.perf_counter()
-    first_latency: float | None = None
-    for i, spec in enumerate(specs):
-        if config.progress:
-            print(f"[bench pareto] {i + 1}/{len(specs)} {spec.name}", file=sys.stderr, flush=True)
-        base = {"name": spec.name, "family": spec.family, "source": spec.source, "arch": spec.arch,
-                "top1": spec.top1, "top1_size": spec.top1_size, "top1_source": spec.top1_source,
-                "resolution": list(config.resolution), "params_m": None,
-                "macs_g": _macs(spec, config.resolution), "status": "skipped", "reason": None}
-        if time.perf_counter() - start > config.max_seconds:
-            reason = f"budget: max_seconds {config.max_seconds:g} spent"
-            doc["rows"] += [{**base, "batch": b, "reason": reason} for b in config.batch_sizes]
-            continue
-        try:
-            torch.manual_seed(config.seed)
-            model = spec.build().to(device, dtype)
-            if config.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            base["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        except (*VARIANT_ERRORS, ImportError) as err:
-            doc["rows"] += [{**base, "batch": b, "status": "error", "reason": f"build: {_error_text(err)}"}
-                            for b in config.batch_sizes]
-            continue
+    out = Path(output_dir) if output_dir is not None else None
+    json_path = out / "pareto.json" if out is not None else None
+    with frozen_gc(), Sweep("pareto", config, len(config.batch_sizes), json_path) as sweep:
+        if echo:
+            where = "each at its top-1's resolution" if config.resolution is None else \
+                f"all at {config.resolution[0]}×{config.resolution[1]}"
+            for line in format_header(sweep.doc, f"{len(specs)} models, {where}, batch "
+                                      f"{', '.join(map(str, config.batch_sizes))}, random weights, "
+                                      "interleaved"):
+                echo(line)
         for batch in config.batch_sizes:
-            row = {**base, "batch": batch}
-            try:
-                stats = _time_model(model, config, device, batch)
-            except VARIANT_ERRORS as err:
-                row.update(status="error", reason=_error_text(err))
-            else:
-                row.update(status="ok", latency_ms=stats["median_ms"], iqr_ms=stats["iqr_ms"],
-                           min_ms=stats["min_ms"], samples=stats["samples"],
-                           images_per_s=batch / (stats["median_ms"] / 1e3))
-                if i == 0 and batch == config.batch_sizes[0]:
-                    first_latency = stats["median_ms"]
-            doc["rows"].append(row)
-        del model
-        gc.collect()
-        doc["elapsed_seconds"] = round(time.perf_counter() - start, 2)
-    _mark_front(doc)
-    if first_latency is not None:  # the first model again: how much did the machine drift?
-        try:
-            torch.manual_seed(config.seed)
-            model = specs[0].build().to(device, dtype)
-            again = _time_model(model, config, device, config.batch_sizes[0])["median_ms"]
-            doc["drift"] = {"model": specs[0].name, "first_ms": first_latency, "last_ms": again,
-                            "last_over_first": again / first_latency}
-            del model
-        except VARIANT_ERRORS:
-            pass
-    doc["elapsed_seconds"] = round(time.perf_counter() - start, 2)
-    doc["complete"] = all(r["status"] == "ok" for r in doc["rows"])
-    doc["env"]["load_end"] = bench_env.machine_load()
-    if output_dir is not None:
-        write_outputs(doc, output_dir)
+            jobs = []
+            for spec in specs:
+                size = _timed_size(spec, config)
+                build = lambda spec=spec, size=size, b=batch: _build(spec, config, size, b)  # noqa: E731
+                jobs.append(Job(series=spec.name, size=size[0] * size[1], batch=batch, build=build,
+                                entry={"name": spec.name, "family": spec.family, "source": spec.source,
+                                       "arch": spec.arch, "kwargs": spec.kwargs, "top1": spec.top1,
+                                       "top1_size": spec.top1_size, "top1_source": spec.top1_source,
+                                       "batch": batch, "resolution": list(size),
+                                       "top1_at_timed_size": size == (spec.top1_size, spec.top1_size)}))
+            rows = sweep.run(f"batch {batch}", jobs)
+            ok = [r for r in rows if r["status"] == "ok"]
+            front = pareto_front([(r["median_ms"], r["top1"]) for r in ok])
+            for r in rows:
+                r["on_front"] = False
+            for i in front:
+                ok[i]["on_front"] = True
+            sweep.doc.setdefault("front", {})[str(batch)] = [ok[i]["name"] for i in front]
+    if out is not None:
+        write_outputs(sweep.doc, out)
     if echo:
-        for line in format_table(doc):
+        for line in format_table(sweep.doc) + format_footer(sweep.doc):
             echo(line)
-    return doc
+    return sweep.doc
 
 
-def _mark_front(doc: dict) -> None:
-    """Set ``on_front`` on every row and ``doc["front"][batch]`` = names on the front."""
-    for batch in doc["config"]["batch_sizes"]:
-        rows = [r for r in doc["rows"] if r["batch"] == batch and r["status"] == "ok"]
-        idx = set(pareto_front([(r["latency_ms"], r["top1"]) for r in rows]))
-        for i, r in enumerate(rows):
-            r["on_front"] = i in idx
-        doc["front"][str(batch)] = [rows[i]["name"] for i in pareto_front(
-            [(r["latency_ms"], r["top1"]) for r in rows])]
-    for r in doc["rows"]:
-        r.setdefault("on_front", False)
-
-
-CSV_FIELDS = ("name", "family", "source", "arch", "batch", "resolution", "latency_ms", "iqr_ms", "min_ms",
-              "images_per_s", "params_m", "macs_g", "top1", "top1_size", "top1_source", "on_front", "status",
+CSV_FIELDS = ("name", "family", "source", "arch", "batch", "resolution", "median_ms", "min_ms", "iqr_ms",
+              "per_s", "top1", "top1_size", "top1_at_timed_size", "top1_source", "on_front", "status",
               "reason")
 
 
 def write_outputs(doc: dict, output_dir: str | Path) -> dict[str, Path]:
-    """``pareto.json``, ``pareto.csv`` and ``pareto_b{batch}.png`` in ``output_dir``."""
+    """``pareto.csv`` and ``pareto_b{batch}.png`` in ``output_dir`` (the JSON is the runner's)."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "pareto.json", "csv": out / "pareto.csv"}
-    write_json(doc, paths["json"])
-    with open(paths["csv"], "w", newline="") as f:
+    with atomic_output(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for r in doc["rows"]:
+        for r in doc["results"]:
             writer.writerow({**r, "resolution": "x".join(map(str, r["resolution"]))})
     from .plots import plot_pareto
 
     env = doc["env"]
     where = env["device_name"] if env["device"] != "cpu" else f"{env['cpu_model']}, {env['threads']} threads"
     for batch in doc["config"]["batch_sizes"]:
-        rows = [r for r in doc["rows"] if r["batch"] == batch and r["status"] == "ok"]
+        rows = [r for r in doc["results"] if r["batch"] == batch and r["status"] == "ok"]
         if rows:
-            res = doc["config"]["resolution"]
-            paths[f"png_b{batch}"] = plot_pareto(
-                rows, out / f"pareto_b{batch}.png", batch,
-                title=f"ImageNet top-1 vs latency at {res[0]}×{res[1]}, batch {batch} "
-                      f"({where}, {env['dtype']})")
+            title = f"ImageNet top-1 vs latency, batch {batch} ({where}, {env['dtype']})"
+            paths[f"png_b{batch}"] = plot_pareto(rows, out / f"pareto_b{batch}.png", batch, title=title)
     return paths
 
 
 def format_table(doc: dict) -> list[str]:
-    """One table per batch size, sorted by latency; front members starred."""
+    """One table per batch size, sorted by median latency; front members starred."""
     lines = []
     for batch in doc["config"]["batch_sizes"]:
-        rows = sorted((r for r in doc["rows"] if r["batch"] == batch),
-                      key=lambda r: (r["status"] != "ok", r.get("latency_ms") or 0.0))
-        lines.append(f"batch {batch} (* = Pareto front of latency vs published top-1)")
-        lines.append(f"  {'model':<20} {'family':<16} {'ms':>9} {'IQR':>7} {'img/s':>8} {'params':>8} "
-                     f"{'GMACs':>7} {'top-1':>6}")
+        rows = sorted((r for r in doc["results"] if r["batch"] == batch),
+                      key=lambda r: (r["status"] != "ok", r.get("median_ms") or 0.0))
+        lines += [f"batch {batch} (* = Pareto front of median latency vs published top-1; † top-1 "
+                  "measured at another resolution)",
+                  f"  {'model':<26} {'family':<20} {'size':>7} {'median ms':>10} {'min ms':>9} "
+                  f"{'img/s':>8} {'top-1':>6}"]
         for r in rows:
             if r["status"] != "ok":
-                lines.append(f"  {r['name']:<20} {r['family']:<16} {r['status']}: {r['reason']}")
+                lines.append(f"  {r['name']:<26} {r['family']:<20} {r['status']} {r['skip'] or ''}: "
+                             f"{r['reason']}")
                 continue
-            star = "*" if r["on_front"] else " "
-            macs = "?" if r["macs_g"] is None else f"{r['macs_g']:.2f}"
-            lines.append(f"{star} {r['name']:<20} {r['family']:<16} {r['latency_ms']:9.2f} "
-                         f"{r['iqr_ms']:7.2f} {r['images_per_s']:8.1f} {r['params_m']:7.1f}M {macs:>7} "
-                         f"{r['top1']:6.1f}")
+            dagger = "" if r["top1_at_timed_size"] else "†"
+            lines.append(f"{'*' if r['on_front'] else ' '} {r['name']:<26} {r['family']:<20} "
+                         f"{r['resolution'][0]:>7} {r['median_ms']:10.2f} {r['min_ms']:9.2f} "
+                         f"{r['per_s']:8.1f} {r['top1']:5.1f}{dagger}")
         lines.append("")
-    if doc.get("drift"):
-        d = doc["drift"]
-        lines.append(f"drift: {d['model']} {d['first_ms']:.2f} ms first, {d['last_ms']:.2f} ms last "
-                     f"(×{d['last_over_first']:.2f})")
-    if doc["env"].get("load_end"):
-        lines.append(f"machine load at the end: {bench_env.format_load(doc['env']['load_end'])}")
-    warning = busy_warning(doc["env"])
-    if warning:
-        lines.append(warning)
     return lines
 
 
-# ------------------------------------------------------------------------------------ CLI
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    d = ParetoConfig()
-    p.add_argument("--output-dir", metavar="DIR",
-                   help="where pareto.json/.csv/.png go (default runs/bench/pareto)")
-    p.add_argument("--models", metavar="P1,P2",
-                   help="names, families or archs, globs allowed (e.g. 'QT-ViT*,ConvNeXt'; default all)")
-    p.add_argument("--resolution", metavar="N|HxW", help="input size (default 224)")
-    p.add_argument("--batch-sizes", metavar="B1,B2", help="batch sizes (default 1)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help=f"weights/input dtype (default {d.dtype})")
-    p.add_argument("--device", help=f"cpu or cuda[:i] (default {d.device})")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--repeats", type=int, help=f"timed samples per model (default {d.repeats})")
-    p.add_argument("--warmup", type=int, help=f"warm-up calls per model (default {d.warmup})")
-    p.add_argument("--max-seconds", type=float, help=f"budget for the whole run (default {d.max_seconds:g})")
-    p.add_argument("--list", action="store_true", help="list the models with their published top-1 and exit")
-    p.add_argument("--quick", action="store_true", help="smoke test: 3 small models at 64 px")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="keep glibc's default malloc thresholds (default: re-run with tuned ones)")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-
-
-def register(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Add ``qtvit bench pareto``."""
-    p = bench_subparsers.add_parser(
-        "pareto", help="latency vs published ImageNet top-1, Pareto front (Fig. 1)",
-        description=__doc__.splitlines()[0].split(": ", 1)[1])
-    _add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def config_from_args(args: argparse.Namespace) -> ParetoConfig:
-    """Resolve the flags (explicit value > ``--quick`` > default) into a validated config."""
-    base = QUICK if args.quick else ParetoConfig()
-    over: dict[str, object] = {}
-    if args.models is not None:
-        names = tuple(s.strip() for s in args.models.split(",") if s.strip())
-        if not names:
-            raise QtvitError("--models: empty list")
-        over["models"] = names
-    if args.resolution is not None:
-        sizes = parse_sizes("--resolution", args.resolution)
-        if len(sizes) != 1:
-            raise QtvitError("--resolution: give one size")
-        over["resolution"] = sizes[0]
-    if args.batch_sizes is not None:
-        try:
-            over["batch_sizes"] = tuple(int(s) for s in args.batch_sizes.split(",") if s.strip())
-        except ValueError:
-            raise QtvitError(f"--batch-sizes: {args.batch_sizes!r} is not a list of integers") from None
-    return bench_env.config_from_flags(base, args, ("dtype", "device", "repeats", "warmup", "max_seconds"),
-                                       **over, channels_last=args.channels_last)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``qtvit bench pareto``."""
+def _run(config: ParetoConfig, args: argparse.Namespace) -> int:
     if args.list:
         for m in PAPER_MODELS:
-            print(f"{m.name:<20} {m.family:<16} {m.source}:{m.arch:<30} top-1 {m.top1:.1f} @ {m.top1_size}  "
-                  f"[{m.top1_source}]")
+            print(f"{m.name:<26} {m.family:<20} {m.source}:{m.arch:<30} top-1 {m.top1:.1f} @ "
+                  f"{m.top1_size}  [{m.top1_source}]")
         return 0
-    config = config_from_args(args)
-    code = bench_env.rerun_with_tuned_malloc("pareto", args, _add_arguments)
-    if code is not None:
-        return code
     out = args.output_dir or "runs/bench/pareto"
     run_pareto_benchmark(config, echo=print, output_dir=out)
     print(f"\nwrote {out}/pareto.json, pareto.csv, pareto_b*.png")
     return 0
 
 
-__all__ = ["PAPER_MODELS", "ParetoConfig", "ParetoModel", "QUICK", "config_from_args", "format_table",
-           "pareto_front", "register", "run", "run_pareto_benchmark", "select_models", "write_outputs"]
+def register(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``qtvit bench pareto``."""
+    p = add_benchmark(bench_subparsers, "pareto", help="latency vs published ImageNet top-1, Pareto front",
+                      description=__doc__.splitlines()[0].split(": ", 1)[1], config_class=ParetoConfig,
+                      quick=QUICK, helps=HELPS, run=_run,
+                      output=("--output-dir", "DIR", "where pareto.json/.csv/.png go "
+                                                     "(default runs/bench/pareto)"))
+    p.add_argument("--list", action="store_true", help="list the models with their published top-1 and exit")
+    return p
+
+
+__all__ = ["PAPER_MODELS", "ParetoConfig", "ParetoModel", "QUICK", "format_table", "pareto_front",
+           "register", "run_pareto_benchmark", "select_models", "write_outputs"]

@@ -48,10 +48,10 @@ def plot_resolution_sweep(doc: dict, path: str | Path) -> Path:
     and a vertical line marks the first size at which softmax is slower than qt.
     """
     plt = _pyplot()
-    entries = doc.get("sweep") or []
+    entries = [e for e in doc.get("results", []) if e["mode"] == "sweep"]
     models = list(dict.fromkeys(e["model"] for e in entries))
     if not models:
-        raise ValueError("no resolution-sweep entries to plot (run with --sweep-resolution)")
+        raise ValueError("no resolution-sweep entries to plot (run with --sweep)")
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.6 * len(models)), squeeze=False)
     for row, model in enumerate(models):
         rows = [e for e in entries if e["model"] == model]
@@ -172,11 +172,11 @@ def plot_model_bars(doc: dict, path: str | Path) -> Path:
 def plot_pareto(rows: Sequence[dict], path: str | Path, batch: int, title: str = "") -> Path:
     """Latency (log x) vs ImageNet top-1, one marker per family, the Pareto front as a step line.
 
-    ``rows`` are the pareto benchmark's result rows of one batch size (``latency_ms``, ``top1``,
+    ``rows`` are the pareto benchmark's result rows of one batch size (``median_ms``, ``top1``,
     ``name``, ``family``, ``on_front``).
     """
     plt = _pyplot()
-    ok = [r for r in rows if r.get("latency_ms") is not None and r.get("top1") is not None]
+    ok = [r for r in rows if r.get("median_ms") is not None and r.get("top1") is not None]
     if not ok:
         raise ValueError("no measured models to plot")
     fig, ax = plt.subplots(figsize=(10, 6.5))
@@ -186,21 +186,21 @@ def plot_pareto(rows: Sequence[dict], path: str | Path, batch: int, title: str =
     for i, fam in enumerate(families):
         pts = [r for r in ok if r["family"] == fam]
         ours = fam == "QT-ViT"
-        ax.plot([r["latency_ms"] for r in pts], [r["top1"] for r in pts],
+        ax.plot([r["median_ms"] for r in pts], [r["top1"] for r in pts],
                 marker="*" if ours else markers[i % len(markers)], markersize=13 if ours else 7,
                 linestyle="-", linewidth=1.8 if ours else 0.8, alpha=0.95 if ours else 0.75,
                 color="tab:red" if ours else cmap(i % 20), label=fam)
         for r in pts:
-            ax.annotate(r["name"], (r["latency_ms"], r["top1"]), textcoords="offset points", xytext=(3, 3),
+            ax.annotate(r["name"], (r["median_ms"], r["top1"]), textcoords="offset points", xytext=(3, 3),
                         fontsize=6.5)
-    front = sorted((r for r in ok if r.get("on_front")), key=lambda r: r["latency_ms"])
+    front = sorted((r for r in ok if r.get("on_front")), key=lambda r: r["median_ms"])
     if front:
         xs, ys = [], []
         for r in front:  # staircase: accuracy holds until the next front point
             if xs:
-                xs.append(r["latency_ms"])
+                xs.append(r["median_ms"])
                 ys.append(ys[-1])
-            xs.append(r["latency_ms"])
+            xs.append(r["median_ms"])
             ys.append(r["top1"])
         ax.plot(xs, ys, color="black", linewidth=2.5, alpha=0.35, zorder=0, label="Pareto front")
     ax.set_xscale("log")

@@ -107,10 +107,6 @@ class Interleaved:
     # name → (code, reason, seconds of its warm-up call); code "time" or "budget"
     dropped: dict[str, tuple[str, str, float]] = field(default_factory=dict)
 
-    def __iter__(self):
-        """Unpacks as ``samples, errors`` (callers that set no deadline or call limit drop nothing)."""
-        return iter((self.samples, self.errors))
-
 
 def time_interleaved(
     fns: dict[str, Callable[[], object]],
