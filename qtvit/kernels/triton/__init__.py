@@ -102,7 +102,9 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "qt", *, cons
     from .ops import feature_attention_op
 
     if kernel == "qt":
-        c = torch.as_tensor(const, device=q.device).to(torch.float32).reshape(())
+        c = const
+        if not (isinstance(c, Tensor) and c.dtype == torch.float32 and c.dim() == 0 and c.device == q.device):
+            c = torch.as_tensor(const, device=q.device).to(torch.float32).reshape(())
     else:  # relu has no constant feature: c = 0 makes the same kernels compute it
         c = torch.zeros((), dtype=torch.float32, device=q.device)
     out, _ = feature_attention_op(q, k, v, c, kernel, float(eps))
