@@ -21,6 +21,8 @@ def _register_models(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recount", action="store_true",
                    help="also build each model on the meta device and recount params and MACs@224 "
                         "(checks the cards; no memory or compute needed)")
+    p.add_argument("--markdown", action="store_true",
+                   help="print a Markdown table (README's model table is this output, checked by a test)")
     p.set_defaults(func=run_models)
 
 
@@ -46,6 +48,9 @@ def run_models(args: argparse.Namespace) -> int:
     if not names:
         raise ValueError(f"no model matches {args.pattern!r}; models: {', '.join(list_models())}")
     aliases = _aliases()
+    if args.markdown:
+        print(models_markdown(names, aliases))
+        return 0
     header = (f"{'model':18s} {'alias':10s} {'paper name':11s} {'params':>12s} {'MACs@224':>9s} "
               f"{'top-1':>6s} {'top-5':>6s}")
     if args.recount:
@@ -62,6 +67,23 @@ def run_models(args: argparse.Namespace) -> int:
             line += f"  {params:>14,d} {macs / 1e9:>11.3f}G"
         print(line)
     return 0
+
+
+def models_markdown(names: list[str], aliases: dict[str, list[str]] | None = None) -> str:
+    """A Markdown table of the model cards: params and MACs@224 as ``count_macs`` counts them (the
+    tests recount both), the paper's GMACs and its reported accuracy (not reproduced here)."""
+    from .registry import get_model_card
+
+    aliases = _aliases() if aliases is None else aliases
+    lines = ["| model | alias | paper name | params | GMACs@224 (counted) | GMACs (paper) "
+             "| paper top-1 / top-5 |", "|---|---|---|---:|---:|---:|---|"]
+    for name in names:
+        card = get_model_card(name)
+        acc = "–" if card.top1 is None else f"{card.top1:.1f} / {_fmt(card.top5, '.1f', '–')}"
+        lines.append(f"| {name} | {', '.join(aliases.get(name, [])) or '–'} | {card.paper_name or '–'} "
+                     f"| {_fmt(card.params, ',d', '–')} | {_fmt(card.gmacs_224, '.3f', '–')} "
+                     f"| {_fmt(card.paper_gmacs_224, '.2f', '–')} | {acc} |")
+    return "\n".join(lines)
 
 
 def _recount(name: str) -> tuple[int, int]:
