@@ -258,7 +258,7 @@ def test_lite_mla_set_kernel_params():
     m.set_kernel("qt", const=0.5)
     assert m.kernel_params.const.dtype == torch.float64 and m.kernel_params.const.item() == 0.5
     m.set_kernel("taylor2_pool", pool=4)
-    assert m.kernel_params.as_kwargs() == {"pool": 4}
+    assert m.kernel_params.as_kwargs() == {**qtvit.get_kernel("taylor2_pool").params, "pool": 4}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -2,9 +2,9 @@
 
 Each kernel is written twice, from two different formulas, so one checks the other:
   * ``pairwise(q, k)``: the weight w(q_i, k_j) straight from its definition, (B, H, N, M);
-  * ``features(x)``: the feature map φ(x) = [ψ(x), const] with φ(q)·φ(k) = w(q, k).
-The constant feature is returned separately so the linear path can add const_q·const_k·Σ_j v_j
-instead of appending a column of constants to every token.
+  * ``features(x)``: ψ(x) of the feature map φ(x) = [ψ(x), c] with φ(q)·φ(k) = w(q, k).
+The constant feature c is a field of the Kernel (``constant``), so the linear path adds
+c²·[Σ_j v_j; M] to every query's sums instead of appending a column of constants to every token.
 
 Shapes: q (B, H, N, d), k (B, H, M, d), x (B, H, T, d) for any token axis length T.
 """
@@ -15,6 +15,7 @@ import math
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 from .linear import linear_attention_core, needs_grad
 from .registry import Kernel, register_kernel
@@ -89,11 +90,19 @@ def _softmax_pairwise(q: Tensor, k: Tensor) -> Tensor:
     return torch.exp(_sq_scores(q, k))
 
 
+def _softmax_sdpa(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
+    # Strided views (e.g. LiteMLA's q/k/v slices) make SDPA fall back to its math path, which
+    # materialises the full N×M matrix; contiguous inputs get the fused kernels. SDPA subtracts
+    # the row maximum, so it stays finite where exp(s) of the pairwise form overflows.
+    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+
+
 register_kernel(Kernel(
     name="softmax",
     normalized=True,
     description="exp(q·k/√d), dense only (F.scaled_dot_product_attention)",
     pairwise=_softmax_pairwise,
+    dense_impl=_softmax_sdpa,
     reference="79.8 (Table 2)",
 ))
 
@@ -104,8 +113,8 @@ def _relu_pairwise(q: Tensor, k: Tensor) -> Tensor:
     return torch.einsum("bhnc,bhmc->bhnm", q.clamp_min(0), k.clamp_min(0))
 
 
-def _relu_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, None]:
-    return torch.relu(x), None
+def _relu_features(x: Tensor, role: str, n_keys: int) -> Tensor:
+    return torch.relu(x)
 
 
 register_kernel(Kernel(
@@ -121,8 +130,8 @@ register_kernel(Kernel(
 # ------------------------------------------------------------------------------------ cosine
 
 
-def _cosine_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, None]:
-    return _unit(x), None
+def _cosine_features(x: Tensor, role: str, n_keys: int) -> Tensor:
+    return _unit(x)
 
 
 register_kernel(Kernel(
@@ -143,8 +152,8 @@ def _mean_pairwise(q: Tensor, k: Tensor) -> Tensor:
     return (q @ k.transpose(-1, -2)) / k.shape[-2]
 
 
-def _mean_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, None]:
-    return x / math.sqrt(n_keys), None
+def _mean_features(x: Tensor, role: str, n_keys: int) -> Tensor:
+    return x / math.sqrt(n_keys)
 
 
 register_kernel(Kernel(
@@ -166,10 +175,10 @@ def _sigmoid_softmax_pairwise(q: Tensor, k: Tensor) -> Tensor:
     return torch.einsum("bhnc,bhmc->bhnm", torch.sigmoid(q), k_soft)
 
 
-def _sigmoid_softmax_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, None]:
+def _sigmoid_softmax_features(x: Tensor, role: str, n_keys: int) -> Tensor:
     if role == "q":
-        return torch.sigmoid(x), None
-    return torch.softmax(x, dim=-2), None
+        return torch.sigmoid(x)
+    return torch.softmax(x, dim=-2)
 
 
 register_kernel(Kernel(
@@ -178,6 +187,7 @@ register_kernel(Kernel(
     description="φ(q)=σ(q), φ(k)=softmax of k over tokens (AFT-simple)",
     pairwise=_sigmoid_softmax_pairwise,
     features=_sigmoid_softmax_features,
+    token_local=False,  # a key's features are a softmax over all keys
     feature_dim=lambda d: d,
     reference="78.9 (Table 2)",
 ))
@@ -189,8 +199,8 @@ def _angular_pairwise(q: Tensor, k: Tensor) -> Tensor:
     return 0.5 + _unit_cosine(q, k) / math.pi
 
 
-def _angular_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, float]:
-    return _unit(x) / math.sqrt(math.pi), math.sqrt(0.5)
+def _angular_features(x: Tensor, role: str, n_keys: int) -> Tensor:
+    return _unit(x) / math.sqrt(math.pi)
 
 
 register_kernel(Kernel(
@@ -199,6 +209,7 @@ register_kernel(Kernel(
     description="w = 1/2 + q̂·k̂/π (Castling-ViT, linear part)",
     pairwise=_angular_pairwise,
     features=_angular_features,
+    constant=math.sqrt(0.5),
     feature_dim=lambda d: d + 1,
     reference="79.1 (Table 2)",
 ))
@@ -210,8 +221,8 @@ def _taylor1_pairwise(q: Tensor, k: Tensor) -> Tensor:
     return 1.0 + _unit_cosine(q, k) / math.sqrt(q.shape[-1])
 
 
-def _taylor1_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, float]:
-    return _unit(x) / x.shape[-1] ** 0.25, 1.0
+def _taylor1_features(x: Tensor, role: str, n_keys: int) -> Tensor:
+    return _unit(x) / x.shape[-1] ** 0.25
 
 
 register_kernel(Kernel(
@@ -220,6 +231,7 @@ register_kernel(Kernel(
     description="w = 1 + q̂·k̂/√d (ViTALiTy, 1st order)",
     pairwise=_taylor1_pairwise,
     features=_taylor1_features,
+    constant=1.0,
     feature_dim=lambda d: d + 1,
     reference="78.5 (Table 2)",
 ))
@@ -231,9 +243,10 @@ register_kernel(Kernel(
 # spec's φ and the 1·1 inside ϕ⊗ϕ add up to 1).
 
 
-def _taylor2_family_features(quadratic: Tensor, x: Tensor) -> tuple[Tensor, float]:
+def _taylor2_family_features(quadratic: Tensor, x: Tensor) -> Tensor:
+    """ψ = [quadratic features/√(2d), x/d^¼]; the family's constant feature is 1 (``constant=1.0``)."""
     d = x.shape[-1]
-    return torch.cat([quadratic / math.sqrt(2 * d), x / d**0.25], dim=-1), 1.0
+    return torch.cat([quadratic / math.sqrt(2 * d), x / d**0.25], dim=-1)
 
 
 def _second_order_linear(q: Tensor, k: Tensor, v: Tensor, y_q: Tensor, y_k: Tensor, block: int,
@@ -270,7 +283,7 @@ def _taylor2_pairwise(q: Tensor, k: Tensor) -> Tensor:
     return 1.0 + s + 0.5 * s * s
 
 
-def _taylor2_features(x: Tensor, role: str, n_keys: int) -> tuple[Tensor, float]:
+def _taylor2_features(x: Tensor, role: str, n_keys: int) -> Tensor:
     return _taylor2_family_features(symmetric_outer(x), x)
 
 
@@ -280,6 +293,7 @@ register_kernel(Kernel(
     description="w = 1 + s + s²/2 exactly (symmetric half of ϕ⊗ϕ), O(N·d³)",
     pairwise=_taylor2_pairwise,
     features=_taylor2_features,
+    constant=1.0,
     feature_dim=lambda d: d * (d + 1) // 2 + d + 1,
     linear_impl=lambda q, k, v, eps: _second_order_linear(q, k, v, q, k, block=q.shape[-1], eps=eps),
     reference="79.7 (Table 3)",
@@ -303,7 +317,7 @@ def _taylor2_pool_pairwise(q: Tensor, k: Tensor, pool: int) -> Tensor:
     return 1.0 + s + sp * sp / (2 * q.shape[-1])
 
 
-def _taylor2_pool_features(x: Tensor, role: str, n_keys: int, pool: int) -> tuple[Tensor, float]:
+def _taylor2_pool_features(x: Tensor, role: str, n_keys: int, pool: int) -> Tensor:
     return _taylor2_family_features(symmetric_outer(_pooled(x, pool)), x)
 
 
@@ -319,6 +333,7 @@ register_kernel(Kernel(
     params={"pool": 2},
     pairwise=_taylor2_pool_pairwise,
     features=_taylor2_pool_features,
+    constant=1.0,
     feature_dim=_pool_dim,
     linear_impl=lambda q, k, v, eps, pool: _second_order_linear(
         q, k, v, _pooled(q, pool), _pooled(k, pool), block=q.shape[-1] // pool, eps=eps),
@@ -338,7 +353,7 @@ def _taylor2_chunk_pairwise(q: Tensor, k: Tensor, chunks: int) -> Tensor:
     return 1.0 + s + per_chunk.pow(2).sum(-1) / (2 * q.shape[-1])
 
 
-def _taylor2_chunk_features(x: Tensor, role: str, n_keys: int, chunks: int) -> tuple[Tensor, float]:
+def _taylor2_chunk_features(x: Tensor, role: str, n_keys: int, chunks: int) -> Tensor:
     quadratic = symmetric_outer(_chunked(x, chunks)).flatten(-2)  # (B, H, T, chunks·m(m+1)/2)
     return _taylor2_family_features(quadratic, x)
 
@@ -355,6 +370,7 @@ register_kernel(Kernel(
     params={"chunks": 2},
     pairwise=_taylor2_chunk_pairwise,
     features=_taylor2_chunk_features,
+    constant=1.0,
     feature_dim=_chunk_dim,
     linear_impl=lambda q, k, v, eps, chunks: _second_order_linear(
         q, k, v, q, k, block=_chunked(q, chunks).shape[-1], eps=eps),
@@ -386,7 +402,7 @@ def _taylor2_random_pairwise(q: Tensor, k: Tensor, seed: int) -> Tensor:
     return 1.0 + _sq_scores(q, k) + quad / (2 * d)
 
 
-def _taylor2_random_features(x: Tensor, role: str, n_keys: int, seed: int) -> tuple[Tensor, float]:
+def _taylor2_random_features(x: Tensor, role: str, n_keys: int, seed: int) -> Tensor:
     a, b = random_product_pairs(x.shape[-1], seed)
     a, b = a.to(x.device), b.to(x.device)
     return _taylor2_family_features(x[..., a] * x[..., b], x)
@@ -399,6 +415,7 @@ register_kernel(Kernel(
     params={"seed": 0},
     pairwise=_taylor2_random_pairwise,
     features=_taylor2_random_features,
+    constant=1.0,
     feature_dim=lambda d, seed=0: 2 * d + 1,
     reference="61.8 (Table 3)",
 ))
@@ -416,11 +433,16 @@ def _qt_paper_pairwise(q: Tensor, k: Tensor, alpha, beta, gamma) -> Tensor:
     return (alpha * alpha * quad + beta * beta * lin + gamma * gamma) / 2 + 0.5
 
 
-def _qt_paper_features(x: Tensor, role: str, n_keys: int, alpha, beta, gamma) -> tuple[Tensor, Tensor]:
+def _qt_paper_features(x: Tensor, role: str, n_keys: int, alpha, beta, gamma) -> Tensor:
     d = x.shape[-1]
-    psi = torch.cat([alpha * (x * x), (beta * (4.0 / d) ** 0.25) * x], dim=-1) / math.sqrt(2.0)
-    const = torch.sqrt((torch.as_tensor(gamma, dtype=x.dtype, device=x.device) ** 2 + 1) / 2)
-    return psi, const
+    return torch.cat([alpha * (x * x), (beta * (4.0 / d) ** 0.25) * x], dim=-1) / math.sqrt(2.0)
+
+
+def _qt_paper_constant(alpha, beta, gamma):
+    """The merged constant feature √((γ²+1)/2) (a tensor when γ is one, e.g. a learnable parameter)."""
+    if isinstance(gamma, Tensor):
+        return torch.sqrt((gamma * gamma + 1) / 2)
+    return math.sqrt((gamma * gamma + 1) / 2)
 
 
 register_kernel(Kernel(
@@ -431,6 +453,7 @@ register_kernel(Kernel(
     learnable=("alpha", "beta", "gamma"),
     pairwise=_qt_paper_pairwise,
     features=_qt_paper_features,
+    constant=_qt_paper_constant,
     feature_dim=lambda d, **_: 2 * d + 1,
     reference="79.6 (paper form)",
 ))
@@ -451,8 +474,8 @@ def _qt_pairwise(q: Tensor, k: Tensor, const) -> Tensor:
     return qt_hat(q) @ qt_hat(k).transpose(-1, -2) + const * const
 
 
-def _qt_features(x: Tensor, role: str, n_keys: int, const) -> tuple[Tensor, object]:
-    return qt_hat(x), const
+def _qt_features(x: Tensor, role: str, n_keys: int, const) -> Tensor:
+    return qt_hat(x)
 
 
 # Floor on r(x) = ‖x⊙x‖ in the linear qt path: 1/r scales the keys, so it must stay finite. Its
@@ -486,8 +509,7 @@ def _qt_linear(q: Tensor, k: Tensor, v: Tensor, eps: float, const) -> Tensor:
 
     # constant column c²·[Σ_j v_j; M], with ε inside the normaliser's entry (scaled by r(q) too)
     return linear_attention_core(q, k, v, key_features, query_features, width=d + 1,
-                                 const_weight=const * const, eps=eps, eps_in_const=True,
-                                 grad_inputs=(const,))
+                                 const_weight=const * const, eps=eps, grad_inputs=(const,))
 
 
 register_kernel(Kernel(
@@ -498,6 +520,7 @@ register_kernel(Kernel(
     learnable=("const",),
     pairwise=_qt_pairwise,
     features=_qt_features,
+    constant=lambda const: const,
     feature_dim=lambda d, **_: d + 1,
     linear_impl=_qt_linear,
     reference="79.6 (Table 2)",

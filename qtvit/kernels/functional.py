@@ -10,17 +10,15 @@ zero in fp16, so no division ever happens in half precision.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from .definitions import EPS
-from .linear import linear_attention_core, needs_grad, over_chunks, tokens_per_chunk
+from .linear import concrete, linear_attention_core, needs_grad, over_chunks, tokens_per_chunk
 from .registry import Kernel, get_kernel
 
 Tensor = torch.Tensor
-
-IMPLS = ("auto", "linear", "dense")
 
 # Peak bytes of one chunk of dense N×M weights: queries are processed this many at a time so
 # peak memory stays O(N·d + chunk·M). (The feature-map paths chunk by linear.CHUNK_BYTES.)
@@ -59,11 +57,16 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def fp32_region(device: torch.device):
-    """A context that disables autocast for ``device``'s type (a no-op where autocast doesn't exist)."""
+    """A context that disables autocast for ``device``'s type while it is enabled there.
+
+    A no-op context when autocast is off (nothing is recorded in a traced or exported graph) or
+    where the device type has no autocast.
+    """
     try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # device types without autocast support
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # device types without autocast support (meta, ...)
         return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,13 +77,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def cast_back(out: Tensor, dtype: torch.dtype) -> Tensor:
     """Cast to ``dtype``; for fp16, saturate at ±65504 so an out-of-range result is not inf."""
     if dtype == torch.float16:
-        limit = torch.finfo(torch.float16).max
-        out = out.clamp(-limit, limit)
+        out = out.clamp(-65504.0, 65504.0)  # torch.finfo(torch.float16).max (TorchScript has no finfo)
     return out.to(dtype)
 
 
-def _cast_params(params: dict, dtype: torch.dtype) -> dict:
-    return {n: p.to(dtype) if isinstance(p, torch.Tensor) else p for n, p in params.items()}
+def _upcast(q: Tensor, k: Tensor, v: Tensor, params: dict) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """q, k, v and the tensor parameters in the compute dtype (float32; float64 stays float64)."""
+    work = compute_dtype(q.dtype)
+    params = {n: p.to(work) if isinstance(p, torch.Tensor) else p for n, p in params.items()}
+    return q.to(work), k.to(work), v.to(work), params
 
 
 def feature_map(x: Tensor, kernel: str | Kernel, role: str = "q", n_keys: int | None = None,
@@ -95,7 +100,8 @@ def feature_map(x: Tensor, kernel: str | Kernel, role: str = "q", n_keys: int | 
     if kern.features is None:
         raise ValueError(f"kernel {kern.name!r} has no feature map (it is dense only)")
     params = kern.resolve_params(params)
-    psi, const = kern.features(x, role, n_keys or x.shape[-2], **params)
+    psi = kern.features(x, role, n_keys or x.shape[-2], **params)
+    const = kern.constant_feature(params)
     if const is None:
         return psi
     const = torch.as_tensor(const, dtype=psi.dtype, device=psi.device)
@@ -105,23 +111,19 @@ def feature_map(x: Tensor, kernel: str | Kernel, role: str = "q", n_keys: int | 
 def _linear_generic(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: float = EPS) -> Tensor:
     """Feature-map path: out = φ(Q)[φ(K)ᵀ[V,1]], never building an N×M matrix, chunked over tokens.
 
-    The constant features (const_q·const_k) contribute the same column c·[Σ_j v_j; M] to every
-    query, so it is added once per query instead of appending a constant to every token.
+    The constant features (c·c) contribute the same column c²·[Σ_j v_j; M] to every query, so it
+    is added once per query instead of appending a constant to every token.
     """
     d, M = q.shape[-1], k.shape[-2]
-    token_local = kern.name != "sigmoid_softmax"  # its key features use a softmax over all tokens
-    _, const_k = kern.features(k[..., :1, :] if token_local else k, "k", M, **params)
-    _, const_q = kern.features(q[..., :1, :], "q", M, **params)
-    const_weight = const_q * const_k if const_q is not None and const_k is not None else None
+    const = kern.constant_feature(params)
     D = kern.feature_dim(d, **params)
     return linear_attention_core(
         q, k, v,
-        key_features=lambda x: kern.features(x, "k", M, **params)[0],
-        query_features=lambda x: (kern.features(x, "q", M, **params)[0], None),
-        width=D, normalized=kern.normalized, const_weight=const_weight,
-        eps=eps if kern.normalized else 0.0,
-        scale=1.0 if kern.output_scale is None else kern.output_scale(M),
-        key_chunk=None if token_local else M, grad_inputs=tuple(params.values()),
+        key_features=lambda x: kern.features(x, "k", M, **params),
+        query_features=lambda x: (kern.features(x, "q", M, **params), None),
+        width=D, normalized=kern.normalized, const_weight=None if const is None else const * const,
+        eps=eps, scale=None if kern.output_scale is None else kern.output_scale(M),
+        token_local=kern.token_local, grad_inputs=tuple(params.values()),
         recompute=D > 4 * d)  # large maps (taylor2's ~d²/2): recompute ψ in backward
 
 
@@ -130,13 +132,10 @@ def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: flo
 
     Queries are processed in chunks so the weights of one chunk stay under DENSE_CHUNK_BYTES.
     """
-    if kern.name == "softmax":
-        # Strided views (e.g. LiteMLA's q/k/v slices) make SDPA fall back to its math path,
-        # which materialises the full N×M matrix; contiguous inputs get the fused kernels.
-        return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    if kern.dense_impl is not None:  # softmax: torch's fused kernels
+        return kern.dense_impl(q, k, v, eps=eps, **params)
     B, H, N, _ = q.shape
     M = k.shape[-2]
-    scale = 1.0 if kern.output_scale is None else kern.output_scale(M)
     budget = DENSE_CHUNK_BYTES.get(q.device.type, DENSE_CHUNK_BYTES["cpu"])
     chunk = tokens_per_chunk(B * H * 4, M, q.element_size(), budget, minimum=1)  # ~4 temporaries of w's size
 
@@ -144,22 +143,87 @@ def _dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: flo
         w = kern.pairwise(q_c, k, **params)  # (B, H, n, M)
         if kern.normalized:
             return (w @ v) / (w.sum(-1, keepdim=True) + eps)
-        return (w @ v) * scale
+        return w @ v if kern.output_scale is None else (w @ v) * kern.output_scale(M)
 
     grad = needs_grad(q, k, v, *params.values())
     return over_chunks(lambda s, t, _: query_chunk(q[..., s:t, :]), N, chunk, (B, H, N, v.shape[-1]), q, grad)
 
 
+# --------------------------------------------------------------------------------- dispatch
+# An implementation ("impl") is a runner(kern, q, k, v, params, eps) -> out (B, H, N, e). It is
+# called with autocast disabled for the inputs' device, on q, k, v in their input dtype (a runner
+# that computes in float32 upcasts them itself, ``_upcast``); its result is cast back to that
+# dtype by ``kernel_attention``. A new impl is one entry in RUNNERS (and, if ``impl="auto"``
+# should pick it, a rule in ``choose_impl``); see qtvit/kernels/README.md.
+Runner = Callable[[Kernel, Tensor, Tensor, Tensor, dict, float], Tensor]
+
+
+def _run_dense(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: float) -> Tensor:
+    return _dense(kern, *_upcast(q, k, v, params), eps)
+
+
+def _run_linear(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: float) -> Tensor:
+    if not kern.has_linear:
+        raise ValueError(f"kernel {kern.name!r} has no linear (feature-map) form; use impl='dense'")
+    q, k, v, params = _upcast(q, k, v, params)
+    if kern.linear_impl is not None:
+        return kern.linear_impl(q, k, v, eps=eps, **params)
+    return _linear_generic(kern, q, k, v, params, eps)
+
+
+def _run_generic(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: float) -> Tensor:
+    if not kern.has_linear:
+        raise ValueError(f"kernel {kern.name!r} has no linear (feature-map) form; use impl='dense'")
+    return _linear_generic(kern, *_upcast(q, k, v, params), eps)
+
+
+RUNNERS: dict[str, Runner] = {
+    "linear": _run_linear,  # O(N) feature maps (the kernel's specialised form where it has one)
+    "dense": _run_dense,  # N×M weights from the pairwise formula: the reference
+}
+IMPLS = ("auto", *RUNNERS)
+
+
 def choose_impl(kernel: str | Kernel, n_queries: int, n_keys: int, d: int, e: int, **params) -> str:
     """What ``impl="auto"`` picks: ``dense`` where the N×M product is cheaper than the feature path.
 
-    Cost model in multiply-adds: dense N·M·(d + e), linear (N + M)·D·(e + 1).
+    Cost model in multiply-adds: dense N·M·(d + e), linear (N + M)·D·(e + 1). When the token
+    counts are not plain ints (symbolic under ``torch.export`` and dynamic ``torch.compile``, or
+    recorded by ``torch.jit.trace``) the choice is ``linear`` for every kernel that has it: an
+    exported or traced graph holds one path, valid for every input size.
     """
     kern = get_kernel(kernel)
     if not kern.has_linear:
         return "dense"
+    if not concrete(n_queries, n_keys):
+        return "linear"
     D = kern.feature_dim(d, **kern.resolve_params(params))
     return "dense" if n_queries * n_keys * (d + e) <= (n_queries + n_keys) * D * (e + 1) else "linear"
+
+
+def _run(runner: Runner, kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: float) -> Tensor:
+    """The one place autocast is switched off around kernel math, and the result cast back."""
+    in_dtype = q.dtype
+    with fp32_region(q.device):
+        out = runner(kern, q, k, v, params, eps)
+    return cast_back(out, in_dtype)
+
+
+def kernel_attention(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel, impl: str,
+                     params: Mapping[str, object], eps: float = EPS) -> Tensor:
+    """:func:`attention` with the kernel's parameters as one mapping (what the modules call).
+
+    ``params`` holds tensors (learnable ones, e.g. an ``nn.Parameter``) and fixed Python values
+    (``pool``, ``chunks``, ``seed``); missing ones take the kernel's defaults.
+    """
+    kern = get_kernel(kernel)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    _check_inputs(q, k, v)
+    params = kern.resolve_params(dict(params))
+    if impl == "auto":
+        impl = choose_impl(kern, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], **params)
+    return _run(RUNNERS[impl], kern, q, k, v, params, eps)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel = "qt", impl: str = "auto", *,
@@ -172,7 +236,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel = "qt", impl
         v: values (B, H, M, e); e may differ from d.
         kernel: a name from :func:`qtvit.list_kernels` (default ``"qt"``).
         impl: ``"linear"`` (O(N) feature-map path), ``"dense"`` (N×M weights from the pairwise
-            formula; the reference) or ``"auto"`` (linear unless dense is cheaper, e.g. tiny N).
+            formula; the reference) or ``"auto"`` (linear unless dense is cheaper, e.g. tiny N;
+            always linear when the token counts are symbolic, as under ``torch.export``).
         eps: added to the normaliser of normalised kernels (default 1e-15, the released
             QT-ViT/EfficientViT value; timm's EfficientViT port uses 1e-5). Always added in fp32.
         **params: the kernel's parameters (``const`` for ``qt``; ``alpha, beta, gamma`` for
@@ -185,28 +250,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel = "qt", impl
         (what a conv backbone reshapes to (B, H·e, h, w) for free); use ``reshape`` rather than
         ``view`` on it, or ``.contiguous()``.
     """
-    kern = get_kernel(kernel)
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
-    _check_inputs(q, k, v)
-    params = kern.resolve_params(params)
-    if impl == "auto":
-        impl = choose_impl(kern, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], **params)
-    if impl == "linear" and not kern.has_linear:
-        raise ValueError(f"kernel {kern.name!r} has no linear (feature-map) form; use impl='dense'")
-
-    in_dtype = q.dtype
-    work = compute_dtype(in_dtype)
-    with fp32_region(q.device):
-        q, k, v = q.to(work), k.to(work), v.to(work)
-        params = _cast_params(params, work)
-        if impl == "dense":
-            out = _dense(kern, q, k, v, params, eps)
-        elif kern.linear_impl is not None:
-            out = kern.linear_impl(q, k, v, eps=eps, **params)
-        else:
-            out = _linear_generic(kern, q, k, v, params, eps)
-    return cast_back(out, in_dtype)
+    return kernel_attention(q, k, v, kernel, impl, params, eps)
 
 
 def linear_attention_generic(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel, *, eps: float = EPS,
@@ -214,9 +258,8 @@ def linear_attention_generic(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kern
     """The generic feature-map path even for kernels with a specialised one (for tests/benchmarks)."""
     kern = get_kernel(kernel)
     _check_inputs(q, k, v)
-    params = _cast_params(kern.resolve_params(params), compute_dtype(q.dtype))
-    return _linear_generic(kern, q, k, v, params, eps)
+    return _run(_run_generic, kern, q, k, v, kern.resolve_params(params), eps)
 
 
-__all__ = ["attention", "feature_map", "choose_impl", "linear_attention_generic", "IMPLS",
-           "fp32_region", "cast_back", "compute_dtype"]
+__all__ = ["attention", "kernel_attention", "feature_map", "choose_impl", "linear_attention_generic",
+           "IMPLS", "RUNNERS", "fp32_region", "cast_back", "compute_dtype"]

@@ -7,6 +7,7 @@ For a normalised kernel with features ψ (and an optional constant feature folde
 
 where [c_v; c_z] is the constant column (the constant features' contribution, e.g. c²·[Σ_j v_j; M]
 for qt) and s_i a per-query scale of it (qt folds its query normalisation there; 1 otherwise).
+ε goes into c_z when there is a constant column (so s_i scales it too), else onto the normaliser.
 
 Layout, because it decides the speed on CPUs: the key sums are kept as one (e+1, D) matrix
 A = [KV; Kz] and the queries are contracted as A @ ψ(q)ᵀ, which yields the result transposed,
@@ -17,7 +18,14 @@ contiguous rows. The result is returned as a (B, H, N, e) *view* of a (B, H, e, 
 is exactly the layout a conv backbone wants next ((B, H·e, h, w) is then a free reshape).
 
 Tokens are processed in chunks of about CHUNK_BYTES, so the temporaries of one chunk stay in
-cache and peak memory is O(chunk·D) beyond the inputs.
+cache and peak memory is O(chunk·D) beyond the inputs. Two implementations share the key sums
+and the constant column: ``_forward_inplace`` (no autograd: in-place accumulation, each query
+chunk divided straight into one output buffer) and ``_forward_autograd`` (out-of-place, chunks
+concatenated, optionally checkpointed).
+
+Token counts that are not plain ints (symbolic under ``torch.export`` or dynamic
+``torch.compile``) or that a ``torch.jit`` trace would bake in are never chunked: the graph
+then holds one pass over all tokens, valid for every size.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ Tensor = torch.Tensor
 CHUNK_BYTES = 3 * 2**20
 MIN_CHUNK_TOKENS = 256
 
+KeyFeatures = Callable[[Tensor], Tensor]
+QueryFeatures = Callable[[Tensor], "tuple[Tensor, Tensor | None]"]
+
 
 def tokens_per_chunk(rows: int, width: int, itemsize: int, budget: int | None = None,
                      minimum: int = MIN_CHUNK_TOKENS) -> int:
@@ -49,6 +60,22 @@ def balanced(n: int, chunk: int) -> int:
     return -(-n // parts)
 
 
+def concrete(*sizes) -> bool:
+    """Whether Python may branch on these token counts: plain ints outside a ``torch.jit`` trace.
+
+    Under ``torch.export`` and dynamic ``torch.compile`` sizes are symbolic (``torch.SymInt``), and
+    a ``torch.jit.trace`` would bake a branch taken for one size into the graph for all sizes.
+    """
+    return not torch.jit.is_tracing() and all(isinstance(n, int) for n in sizes)
+
+
+def token_ranges(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[s, t) ranges of at most ``chunk`` tokens covering n; one range when n is not ``concrete``."""
+    if not concrete(n) or chunk >= n:
+        return [(0, n)]
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
 def over_chunks(fn, n: int, chunk: int, out_shape: tuple[int, ...], like: Tensor, grad: bool,
                 dim: int = -2) -> Tensor:
     """Assemble ``fn(s, t, out)`` for token ranges [s, t) of length ``chunk`` along ``dim``.
@@ -59,7 +86,7 @@ def over_chunks(fn, n: int, chunk: int, out_shape: tuple[int, ...], like: Tensor
     (``torch.div(..., out=out)``) or ignore (the result is copied in). Freed chunk temporaries
     are then reused instead of fragmenting the heap behind a growing list.
     """
-    ranges = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    ranges = token_ranges(n, chunk)
     if len(ranges) == 1:
         return fn(0, n, None)
     if grad or torch.compiler.is_compiling():
@@ -77,12 +104,10 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
-def linear_attention_core(q: Tensor, k: Tensor, v: Tensor,
-                          key_features: Callable[[Tensor], Tensor],
-                          query_features: Callable[[Tensor], tuple[Tensor, Tensor | None]],
-                          *, width: int, normalized: bool = True, const_weight=None,
-                          eps: float = 0.0, eps_in_const: bool = False, scale: float = 1.0,
-                          key_chunk: int | None = None, grad_inputs: tuple = (),
+def linear_attention_core(q: Tensor, k: Tensor, v: Tensor, key_features: KeyFeatures,
+                          query_features: QueryFeatures, *, width: int, normalized: bool = True,
+                          const_weight=None, eps: float = 0.0, scale: float | None = None,
+                          token_local: bool = True, grad_inputs: tuple = (),
                           recompute: bool = False) -> Tensor:
     """out = ψ(Q)[ψ(K)ᵀ[V, 1]] (+ constant column), chunked over tokens, never building N×M.
 
@@ -97,10 +122,10 @@ def linear_attention_core(q: Tensor, k: Tensor, v: Tensor,
             qt); adds the column w·[Σ_j v_j; M] (w·Σ_j v_j unnormalised) to every query's sums,
             times s. None if the kernel has no constant feature. Σ_j v_j is summed chunk by
             chunk while v is in cache.
-        eps: added to the normaliser: after the constant column, or inside it (times s) if
-            ``eps_in_const``.
-        scale: multiplies an unnormalised result (e.g. mean's 1/M).
-        key_chunk: tokens per key chunk (keys whose features depend on all keys need M).
+        eps: added to the normaliser; inside the constant column when there is one (so s
+            scales it too, as qt's algebra needs), after the product otherwise.
+        scale: multiplies an unnormalised result (e.g. cosine's 1/M); None for 1.
+        token_local: ψ of a key depends on that key only; False keeps all M keys in one chunk.
         grad_inputs: tensors besides q, k, v that may require grad (kernel parameters).
         recompute: checkpoint each chunk (large feature maps: recompute ψ in backward instead
             of storing it, so gradients stay O(N·d)).
@@ -110,9 +135,9 @@ def linear_attention_core(q: Tensor, k: Tensor, v: Tensor,
     """
     B, H, N, _ = q.shape
     M, e = k.shape[-2], v.shape[-1]
-    grad = needs_grad(q, k, v, const_weight, *grad_inputs)
     chunk = tokens_per_chunk(B * H, max(width, e + 1), q.element_size())
-
+    key_ranges = token_ranges(M, balanced(M, chunk) if concrete(M) else M) if token_local else [(0, M)]
+    query_chunk = balanced(N, chunk) if concrete(N) else N
     with_const = const_weight is not None
 
     def key_sums(k_c: Tensor, v_c: Tensor) -> Tensor:  # (B, H, e', D [+1])
@@ -120,55 +145,85 @@ def linear_attention_core(q: Tensor, k: Tensor, v: Tensor,
         parts = [v_c.transpose(-1, -2) @ psi]  # (B, H, e, D)
         if normalized:
             parts.append(psi.sum(-2, keepdim=True))  # (B, H, 1, D)
-        out = torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
-        if with_const:  # Σ_j v_j as one more column, summed while v_c is in cache
+        if with_const:  # Σ_j v_j [; n] as one more column, summed while v_c is in cache
             v_sum = v_c.sum(-2).unsqueeze(-1)  # (B, H, e, 1)
             if normalized:
                 v_sum = torch.cat([v_sum, torch.full_like(v_sum[..., :1, :], v_c.shape[-2])], dim=-2)
-            out = torch.cat([out, v_sum], dim=-1)
-        return out
+            return torch.cat([torch.cat(parts, dim=-2), v_sum], dim=-1)
+        return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
-    step = key_chunk or balanced(M, chunk)
-    chunk = balanced(N, chunk)
-    sums = None
-    for s in range(0, M, step):
-        args = (k[..., s:s + step, :], v[..., s:s + step, :])
-        part = checkpoint(key_sums, *args, use_reentrant=False) if recompute and grad else key_sums(*args)
-        sums = part if sums is None else (sums + part if grad else sums.add_(part))
-    const_col = None  # (B, H, e', 1): w·[Σ_j v_j; M] (+ ε in the normaliser's entry)
-    if with_const:
-        sums, const_col = sums[..., :-1], sums[..., -1:] * const_weight
-        if eps_in_const and normalized and eps:
+    def split_constant(sums: Tensor) -> tuple[Tensor, Tensor | None, float]:
+        """(A, constant column w·[Σ_j v_j; M] (+ ε in the normaliser's entry), ε still to add)."""
+        if not with_const:
+            return sums, None, eps if normalized else 0.0
+        const_col = sums[..., -1:] * const_weight  # (B, H, e', 1)
+        if normalized and eps:
             const_col = torch.cat([const_col[..., :e, :], const_col[..., e:, :] + eps], dim=-2)
-        eps = 0.0 if eps_in_const else eps
+        return sums[..., :-1], const_col, 0.0
 
-    def query_block(q_c: Tensor, sums: Tensor, const_col: Tensor | None,
-                    out: Tensor | None = None) -> Tensor:  # (B, H, e, n)
+    args = (q, k, v, key_sums, split_constant, query_features, key_ranges, query_chunk, e,
+            normalized, scale)
+    if needs_grad(q, k, v, const_weight, *grad_inputs):
+        return _forward_autograd(*args, recompute=recompute)
+    return _forward_inplace(*args)
+
+
+def _forward_inplace(q, k, v, key_sums, split_constant, query_features, key_ranges, query_chunk, e,
+                     normalized, scale) -> Tensor:
+    """No autograd: key sums accumulated in place, each query chunk's products scaled, shifted and
+    divided in place, straight into its slice of one (B, H, e, N) output."""
+    sums = None
+    for s, t in key_ranges:
+        part = key_sums(k[..., s:t, :], v[..., s:t, :])
+        sums = part if sums is None else sums.add_(part)
+    sums, const_col, eps = split_constant(sums)
+
+    def block(s: int, t: int, out: Tensor | None) -> Tensor:  # (B, H, e, t - s)
+        psi, s_q = query_features(q[..., s:t, :])  # (B, H, n, D), (B, H, n, 1) | None
+        o = sums @ psi.transpose(-1, -2)  # (B, H, e', n), a fresh tensor
+        if const_col is not None:
+            if s_q is None:
+                o.add_(const_col)
+            else:
+                o.addcmul_(const_col, s_q.transpose(-1, -2))
+        if not normalized:
+            return o if scale is None else torch.mul(o, scale, out=out)
+        den = o[..., e:, :]
+        if eps:
+            den.add_(eps)
+        return torch.div(o[..., :e, :], den, out=out)
+
+    B, H, N, _ = q.shape
+    return over_chunks(block, N, query_chunk, (B, H, e, N), q, False, dim=-1).transpose(-1, -2)
+
+
+def _forward_autograd(q, k, v, key_sums, split_constant, query_features, key_ranges, query_chunk, e,
+                      normalized, scale, *, recompute: bool) -> Tensor:
+    """With autograd: out-of-place ops, chunks concatenated; ``recompute`` checkpoints every chunk."""
+
+    def run(fn, *args):
+        return checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+
+    parts = [run(key_sums, k[..., s:t, :], v[..., s:t, :]) for s, t in key_ranges]
+    sums = parts[0]
+    for part in parts[1:]:
+        sums = sums + part
+    sums, const_col, eps = split_constant(sums)
+
+    def query_block(q_c: Tensor, sums: Tensor, const_col: Tensor | None) -> Tensor:  # (B, H, e, n)
         psi, s_q = query_features(q_c)  # (B, H, n, D), (B, H, n, 1) | None
         o = sums @ psi.transpose(-1, -2)  # (B, H, e', n)
         if const_col is not None:
-            if s_q is None:
-                o = o + const_col if grad else o.add_(const_col)
-            else:
-                o = torch.addcmul(o, const_col, s_q.transpose(-1, -2)) if grad else \
-                    o.addcmul_(const_col, s_q.transpose(-1, -2))
-        if normalized:
-            den = o[..., e:, :]
-            if eps:
-                den = den + eps if grad else den.add_(eps)
-            return torch.div(o[..., :e, :], den, out=out)
-        if out is not None:
-            return torch.mul(o, scale, out=out)
-        return o * scale if scale != 1.0 else o
+            o = o + const_col if s_q is None else torch.addcmul(o, const_col, s_q.transpose(-1, -2))
+        if not normalized:
+            return o if scale is None else o * scale
+        den = o[..., e:, :] + eps if eps else o[..., e:, :]
+        return o[..., :e, :] / den
 
-    def block(s: int, t: int, out: Tensor | None = None) -> Tensor:
-        args = (q[..., s:t, :], sums, const_col)
-        if recompute and grad:
-            return checkpoint(query_block, *args, use_reentrant=False)
-        return query_block(*args, out=out)
-
-    return over_chunks(block, N, chunk, (B, H, e, N), q, grad, dim=-1).transpose(-1, -2)
+    B, H, N, _ = q.shape
+    return over_chunks(lambda s, t, _: run(query_block, q[..., s:t, :], sums, const_col), N, query_chunk,
+                       (B, H, e, N), q, True, dim=-1).transpose(-1, -2)
 
 
-__all__ = ["CHUNK_BYTES", "MIN_CHUNK_TOKENS", "linear_attention_core", "needs_grad", "over_chunks",
-           "tokens_per_chunk"]
+__all__ = ["CHUNK_BYTES", "MIN_CHUNK_TOKENS", "concrete", "linear_attention_core", "needs_grad",
+           "over_chunks", "token_ranges", "tokens_per_chunk"]

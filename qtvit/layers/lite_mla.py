@@ -23,10 +23,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import attention, cast_back, compute_dtype, fp32_region, get_kernel
+from ..kernels import cast_back, compute_dtype, get_kernel
 from .attention import KernelParams
 from .conv import ConvNormAct, NormLayer
 
@@ -37,13 +38,23 @@ def resize_ape(ape: Tensor, size: tuple[int, int]) -> Tensor:
     """Bicubic resize of a positional embedding (1, C, gh, gw) → (1, C, H, W) (align_corners=False).
 
     Half dtypes are resized in float32 (bicubic kernels are not available for all of them) and
-    cast back; float64 stays float64. A no-op when the size already matches.
+    cast back; float64 stays float64. Returned as is when the size already matches, checked only
+    for plain-int sizes: symbolic ones (``torch.export`` with dynamic H, W) and ``torch.jit.trace``
+    always go through the interpolation, which is an exact identity at the stored size (bicubic
+    weights (0, 1, 0, 0)), so the graph holds the resize for every input size.
     """
-    if tuple(ape.shape[-2:]) == tuple(size):
+    H, W = size[0], size[1]
+    if (not torch.jit.is_tracing() and isinstance(H, int) and isinstance(W, int)
+            and ape.shape[-2] == H and ape.shape[-1] == W):
         return ape
-    out = F.interpolate(ape.to(compute_dtype(ape.dtype)), size=tuple(size), mode="bicubic",
-                        align_corners=False)
+    out = F.interpolate(ape.to(compute_dtype(ape.dtype)), size=[H, W], mode="bicubic", align_corners=False)
     return out.to(ape.dtype)
+
+
+# torch.fx.symbolic_trace: dtype- and size-dependent helpers become single graph nodes.
+torch.fx.wrap("resize_ape")
+torch.fx.wrap("compute_dtype")
+torch.fx.wrap("cast_back")
 
 
 class LiteMLA(nn.Module):
@@ -60,7 +71,13 @@ class LiteMLA(nn.Module):
         ape_size: the (gh, gw) token grid the APE is stored at (the stage's grid at the training
             resolution, e.g. (14, 14) at stride 16 for 224 input). Required when ``ape``.
         shortcut: add GELU(BN(v)) to each head's attention output.
-        impl: ``"auto"``, ``"linear"`` or ``"dense"``, passed to :func:`qtvit.attention`.
+        impl: ``"auto"``, ``"linear"`` or ``"dense"``, passed to :func:`qtvit.attention`
+            (``"auto"`` picks by the token count in eager mode, ``"linear"`` under
+            ``torch.export``, dynamic ``torch.compile`` and ``torch.jit.trace``).
+
+    ``forward`` is traceable by every export path: ``torch.jit.script`` (the kernel call runs in
+    Python), ``torch.fx.symbolic_trace`` (the kernel, the APE resize and the dtype casts are single
+    nodes), ``torch.export`` and ``torch.compile`` with dynamic batch, height and width.
     """
 
     def __init__(
@@ -125,39 +142,41 @@ class LiteMLA(nn.Module):
         ref = self.qkv.conv.weight
         self.kernel_params = KernelParams(kernel, **kernel_params).to(device=ref.device, dtype=ref.dtype)
 
-    def _ape_tokens(self, H: int, W: int, dtype: torch.dtype) -> Tensor:
+    def _ape_tokens(self, ape: Tensor, H: int, W: int, dtype: torch.dtype) -> Tensor:
         """The APE as per-head key offsets: (1, S·h, N, d)."""
-        ape = resize_ape(self.ape, (H, W)).to(dtype)  # (1, S·h·d, H, W)
+        ape = resize_ape(ape, (H, W)).to(dtype)  # (1, S·h·d, H, W)
         return ape.reshape(1, -1, self.head_dim, H * W).transpose(-1, -2)
 
     def _v_shortcut(self, v: Tensor, H: int, W: int) -> Tensor:
         """GELU(BN(v)) with one BN over the d channels shared by all heads: (B, S·h, N, d) → same."""
         B, n_heads, N, d = v.shape
         x = v.transpose(-1, -2).reshape(B * n_heads, d, H, W)  # (B·S·h, d, H, W)
-        ref = getattr(self.v_norm, "weight", None)
-        if ref is not None:  # fp32 BN under autocast; a .half() model keeps its own dtype
-            x = x.to(ref.dtype)
+        x = x.to(self.v_norm.weight.dtype)  # float32 BN under autocast; a .half() model keeps its dtype
         x = F.gelu(self.v_norm(x))  # exact GELU, as released
         return x.reshape(B, n_heads, d, N).transpose(-1, -2).to(v.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         B, _, H, W = x.shape
         qkv = self.qkv(x)  # (B, 3·h·d, H, W)
-        qkv = torch.cat([qkv, *(op(qkv) for op in self.aggreg)], dim=1)  # (B, S·3·h·d, H, W)
+        branches = [qkv]
+        for op in self.aggreg:
+            branches.append(op(qkv))
+        qkv = torch.cat(branches, dim=1)  # (B, S·3·h·d, H, W)
         qkv = qkv.reshape(B, -1, 3 * self.head_dim, H * W).transpose(-1, -2)  # (B, S·h, N, 3d)
         q, k, v = qkv.chunk(3, dim=-1)  # each (B, S·h, N, d)
 
-        # The released code runs APE, kernel and shortcut in float32 with autocast off (its ε=1e-15
-        # is zero in fp16): do the same, then hand the input dtype back to proj.
+        # The released code runs APE, kernel and shortcut in float32 (its ε=1e-15 is zero in fp16):
+        # cast here, where the element-wise APE add and the shortcut stay float32 even under
+        # autocast; the kernel call disables autocast itself (the one place it is switched off).
+        # The input dtype goes back to proj.
         in_dtype = q.dtype
         work = compute_dtype(in_dtype)
-        with fp32_region(x.device):
-            q, k, v = q.to(work), k.to(work), v.to(work)
-            if self.ape is not None:
-                k = k + self._ape_tokens(H, W, work)
-            out = attention(q, k, v, self.kernel, impl=self.impl, **self.kernel_params.as_kwargs())
-            if self.v_norm is not None:
-                out = out + self._v_shortcut(v, H, W)
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        if self.ape is not None:
+            k = k + self._ape_tokens(self.ape, H, W, work)
+        out = self.kernel_params.attend(q, k, v, self.impl)
+        if self.v_norm is not None:
+            out = out + self._v_shortcut(v, H, W)
         out = cast_back(out, in_dtype)
         out = out.transpose(-1, -2).reshape(B, -1, H, W)  # (B, S·h·d, H, W)
         return self.proj(out)
