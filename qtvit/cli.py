@@ -23,6 +23,7 @@ SUBCOMMANDS = (
     "qtvit.bench.cli",
     "qtvit.train.cli",
     "qtvit.bench.reproduce",
+    "qtvit.tasks.detection.cli",
 )
 
 USER_ERRORS = (QtvitError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
