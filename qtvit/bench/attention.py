@@ -30,7 +30,17 @@ from ..io import write_json  # noqa: F401  (re-exported for modules that still i
 from ..kernels import attention as kernel_attention
 from ..kernels import get_kernel, list_kernels
 from .cli import add_benchmark
-from .runner import BenchConfig, Echo, Job, Sweep, format_footer, format_grid, format_header, status_cell
+from .runner import (
+    COMMON_HELPS,
+    BenchConfig,
+    Echo,
+    Job,
+    Sweep,
+    format_footer,
+    format_grid,
+    format_header,
+    status_cell,
+)
 from .timing import fmt_mb, fmt_ms
 
 IMPLS = ("linear", "dense", "sdpa")
@@ -86,17 +96,11 @@ QUICK = AttentionBenchConfig(kernels=("relu", "qt"), impls=("linear", "sdpa"), t
 
 # the fields that are command-line flags, with their help
 HELPS = {
-    "kernels": "comma-separated kernel names, or all", "impls": f"comma-separated from {','.join(IMPLS)}",
-    "tokens": "token counts N", "head_dims": "head dims d", "batch": "batch size B", "heads": "heads H",
-    "dtype": "input dtype", "device": "cpu or cuda[:i]", "threads": "torch intra-op threads",
-    "repeats": "timed samples per variant", "warmup": "warm-up calls per variant",
-    "backward": "time forward + backward",
-    "compile": "torch.compile every variant (compile time in the JSON)",
-    "max_seconds": "budget of the whole run (s)",
-    "max_call_seconds": "skip variants predicted slower than this per call (s)",
-    "max_dense_tokens": "largest N for the O(N²) dense paths", "memory": "measure peak memory",
-    "system_malloc": "keep glibc's malloc thresholds (default: re-run with tuned ones, qtvit/bench/env.py)",
-    "progress": "progress output on stderr",
+    **COMMON_HELPS, "kernels": "comma-separated kernel names, or all",
+    "impls": f"comma-separated from {','.join(IMPLS)}", "tokens": "token counts N",
+    "head_dims": "head dims d",
+    "batch": "batch size B", "heads": "heads H", "backward": "time forward + backward",
+    "max_dense_tokens": "largest N for the O(N²) dense paths",
 }
 
 

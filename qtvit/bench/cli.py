@@ -70,12 +70,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, he
     for name, text in helps.items():
         kind, default = field_kind(hints[name]), getattr(defaults, name)
         flag = "--" + name.replace("_", "-")
-        if kind == "bool":
+        if kind == "bool":  # a switch that flips the default; "do not <help>" for --no-<field>
             parser.add_argument(f"--no-{flag[2:]}" if default else flag, dest=name, action="store_const",
-                                const=str(not default), help=text)
-        else:
-            shown = "all" if default is None else show_value(default, kind)
-            parser.add_argument(flag, dest=name, metavar=_METAVARS[kind], help=f"{text} (default {shown})")
+                                const=str(not default), help=f"do not {text}" if default else text)
+            continue
+        if default is not None or kind.endswith("s"):
+            text += f" (default {'all' if default is None else show_value(default, kind)})"
+        parser.add_argument(flag, dest=name, metavar=_METAVARS[kind], help=text)
 
 
 def show_value(value: object, kind: str) -> str:

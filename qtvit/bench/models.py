@@ -33,6 +33,7 @@ from ..models import create_model, get_model_card, resolve_model_name
 from .cli import add_benchmark
 from .env import frozen_gc
 from .runner import (
+    COMMON_HELPS,
     DTYPES,
     BenchConfig,
     Echo,
@@ -110,18 +111,12 @@ QUICK = ModelBenchConfig(resolutions=((64, 64),), batch_size=4, warmup=1, repeat
 
 # the fields that are command-line flags, with their help
 HELPS = {
-    "models": "models or aliases", "resolutions": "sizes N or HxW",
-    "variants": f"subset of {','.join(VARIANT_KEYS)}",
-    "batch_size": "batch N for throughput and train steps", "dtype": "weights/input dtype",
-    "device": "cpu or cuda[:i]", "threads": "torch intra-op threads", "channels_last": "channels_last inputs",
-    "compile": "torch.compile every variant", "repeats": "timed samples per variant",
-    "warmup": "warm-up calls per variant", "train_step": "also time training steps (fwd + bwd + AdamW)",
+    **COMMON_HELPS, "models": "models or aliases", "resolutions": "sizes N or HxW",
+    "variants": f"subset of {','.join(VARIANT_KEYS)}", "batch_size": "batch N for throughput and train steps",
+    "channels_last": "channels_last inputs", "train_step": "also time training steps (fwd + bwd + AdamW)",
     "sweep": "batch-1 latency and peak memory over --sweep-sizes", "sweep_sizes": "sizes of the sweep",
     "max_seconds": "budget of the main table (s)", "sweep_max_seconds": "budget of the sweep (s)",
-    "max_call_seconds": "skip configs predicted slower than this per call (s)",
-    "memory": "measure peak memory",
-    "macs": "count MACs per variant and size", "progress": "progress lines on stderr",
-    "system_malloc": "keep glibc's malloc thresholds (default: re-run with tuned ones, qtvit/bench/env.py)",
+    "macs": "count MACs per variant and size",
 }
 
 

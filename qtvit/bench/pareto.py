@@ -32,7 +32,7 @@ from ..models import create_model, get_model_card
 from .cli import add_benchmark
 from .env import frozen_gc
 from .models import Size, forward_call, import_timm, prepare
-from .runner import DTYPES, BenchConfig, Echo, Job, Sweep, format_footer, format_header
+from .runner import COMMON_HELPS, DTYPES, BenchConfig, Echo, Job, Sweep, format_footer, format_header
 
 
 @dataclass(frozen=True)
@@ -190,15 +190,10 @@ QUICK = ParetoConfig(models=("QT-ViT-1", "EfficientViT-B1 (qtvit)", "PoolFormer-
 
 # the fields that are command-line flags, with their help
 HELPS = {
-    "models": "names, families or archs, globs allowed (e.g. 'QT-ViT*,ConvNeXt'), or all",
+    **COMMON_HELPS, "models": "names, families or archs, globs allowed (e.g. 'QT-ViT*,ConvNeXt')",
     "resolution": "one input size for every model, N or HxW (default: each at its top-1's resolution)",
-    "batch_sizes": "batch sizes", "dtype": "weights/input dtype", "device": "cpu or cuda[:i]",
-    "threads": "torch intra-op threads", "channels_last": "channels_last inputs",
-    "compile": "torch.compile every model", "repeats": "timed samples per model",
-    "warmup": "warm-up calls per model", "max_seconds": "budget of the whole run (s)",
-    "max_call_seconds": "drop models slower than this per call (s)", "memory": "also measure peak memory",
-    "progress": "progress output on stderr",
-    "system_malloc": "keep glibc's malloc thresholds (default: re-run with tuned ones, qtvit/bench/env.py)",
+    "batch_sizes": "batch sizes", "channels_last": "channels_last inputs",
+    "memory": "also measure peak memory",
 }
 
 

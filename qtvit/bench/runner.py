@@ -94,6 +94,18 @@ class BenchConfig:
             raise ValueError(f"device {self.device!r}: CUDA is not available in this torch build/machine")
 
 
+# command-line help of the BenchConfig fields every benchmark exposes as flags (qtvit.bench.cli)
+COMMON_HELPS = {
+    "device": "cpu or cuda[:i]", "dtype": "weights/input dtype",
+    "threads": "torch intra-op threads (default: torch's choice)", "repeats": "timed samples per variant",
+    "warmup": "warm-up calls per variant", "max_seconds": "budget of the run (s)",
+    "compile": "torch.compile every variant (compile time in the JSON)",
+    "max_call_seconds": "skip variants predicted (or first measured) slower than this per call (s)",
+    "memory": "measure peak memory", "progress": "show progress on stderr",
+    "system_malloc": "keep glibc's malloc thresholds (default: re-run with tuned ones, qtvit/bench/env.py)",
+}
+
+
 def parse_device(text: str) -> torch.device:
     """``torch.device(text)`` limited to cpu and cuda, with a one-line error otherwise."""
     try:
