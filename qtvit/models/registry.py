@@ -90,7 +90,8 @@ def create_model(name: str, checkpoint=None, num_classes: int = 1000, *, strict:
     """Build a registered model, optionally loading ``checkpoint``.
 
     Args:
-        name: a name from :func:`list_models` or an alias (``qtvit_1`` … ``qtvit_6``).
+        name: a name from :func:`list_models` or an alias (``qtvit_1`` … ``qtvit_6``), or a folder
+            written by :func:`qtvit.save_pretrained` (its stored architecture, classes and weights).
         checkpoint: path (.pt/.pth/.bin/.safetensors) or state dict, in qtvit's layout or any
             supported foreign layout (detected and converted).
         num_classes: classifier outputs.
@@ -102,6 +103,16 @@ def create_model(name: str, checkpoint=None, num_classes: int = 1000, *, strict:
         **kwargs: passed to the builder, e.g. ``kernel="qt"``, ``ape=True``, ``shortcut=True``,
             ``drop_path_rate=0.0`` for the EfficientViT/QT-ViT family.
     """
+    if name not in _BUILDERS and name not in _ALIASES:
+        from .hub import is_pretrained_dir, load_pretrained
+
+        if is_pretrained_dir(name):  # a folder written by save_pretrained (timm's hub layout)
+            model = load_pretrained(name, **kwargs)
+            if checkpoint is not None:
+                from .checkpoint import load_checkpoint
+
+                load_checkpoint(model, checkpoint, strict=strict, trust_pickle=trust_pickle)
+            return model
     builder = _BUILDERS[resolve_model_name(name)]
     model = builder(num_classes=num_classes, **kwargs)
     if checkpoint is not None:
