@@ -213,13 +213,15 @@ def test_rss_meter_sees_memory_that_tuned_malloc_keeps():
     assert 60 < float(out.stdout.split()[-1]) < 80
 
 
-def test_cli_writes_json_and_prints_the_table(tmp_path, capsys):
+def test_cli_writes_json_and_prints_the_table(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sub" / "bench.json"
     threads = torch.get_num_threads()
-    rc = main(["bench", "attention", "--quick", "--system-malloc", "--no-progress", "--tokens", "32,64",
-               "--head-dims", "8", "--heads", "1", "--repeats", "2", "--threads", "1", "--output", str(out)])
-    assert rc == 0 and torch.get_num_threads() == threads  # restored after the run
+    argv = ["bench", "attention", "--quick", "--system-malloc", "--no-progress", "--tokens", "32,64",
+            "--head-dims", "8", "--heads", "1", "--repeats", "2", "--threads", "1", "--output", str(out)]
+    monkeypatch.setattr(sys, "argv", ["qtvit", *argv])  # as the console script sees it
+    assert main(argv) == 0 and torch.get_num_threads() == threads  # restored after the run
     doc = json.loads(out.read_text())
+    assert doc["command"] == "qtvit " + " ".join(argv)  # the file says which command wrote it
     assert doc["env"]["threads"] == 1 and doc["config"]["threads"] == 1
     assert doc["config"]["tokens"] == [32, 64] and doc["config"]["kernels"] == ["relu", "qt"]
     assert doc["config"]["impls"] == ["linear", "sdpa"] and doc["config"]["min_repeats"] == 2

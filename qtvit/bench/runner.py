@@ -6,10 +6,11 @@ set of :class:`Job` s, one per variant, timed together with
 every variant alike) and then called once more for peak memory. The runner owns what the three
 benchmarks share:
 
-* the result document: ``benchmark``, ``schema_version``, ``env`` (the environment header of
-  :mod:`qtvit.bench.env`: git commit and dirty flag, machine load at start and end), ``config``
-  (resolved settings and protocols), ``results`` (one entry per job), ``elapsed_seconds`` and
-  ``complete``; written atomically after every step when a path is given;
+* the result document: ``benchmark``, ``schema_version``, ``command`` (when run as ``qtvit
+  bench``), ``env`` (the environment header of :mod:`qtvit.bench.env`: git commit and dirty
+  flag, machine load at start and end), ``config`` (resolved settings and protocols),
+  ``results`` (one entry per job), ``elapsed_seconds`` and ``complete``; written atomically
+  after every step when a path is given;
 * skipping, with the code and reason in the entry: a variant's time and peak memory per item
   measured so far are fitted as a·x + b·x² in the step's size x (tokens, pixels; the two largest
   sizes; one size: ∝ x, or ∝ x² for quadratic variants) and extrapolated. A job is skipped when
@@ -26,6 +27,7 @@ benchmarks share:
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -258,6 +260,8 @@ class Sweep:
             "results": [], "elapsed_seconds": 0.0, "complete": False,
         }
         self.doc["env"]["load_start"] = bench_env.machine_load()
+        if sys.argv[1:3] == ["bench", name]:  # run from the command line: record the command
+            self.doc["command"] = "qtvit " + shlex.join(sys.argv[1:])
         self.start = time.perf_counter()
         self.deadline = self.start + config.max_seconds
 
