@@ -3,6 +3,7 @@
 from . import (
     detection,  # noqa: F401  (registers the Cascade Mask R-CNN / Mask R-CNN detectors)
     efficientvit,  # noqa: F401  (registers qtvit_b0..l3 / qtvit_1..6)
+    segmentation,  # noqa: F401  (registers the UperNet / SegHead segmentation models)
     vit,  # noqa: F401  (registers the plain-ViT family)
 )
 from .checkpoint import (
