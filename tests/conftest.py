@@ -29,6 +29,13 @@ def _nan_filled(allocate):
     return wrapper
 
 
+# `with torch.device(...)` finds the factory functions to redirect through a set of torch functions it
+# builds once, on first use. Build it now, from the real ones: built while torch.empty is wrapped, it
+# would hold the wrapper, and models made under `torch.device("meta")` would come out on the CPU.
+with torch.device("meta"):
+    torch.empty(0)
+
+
 @pytest.fixture(autouse=True)
 def _uninitialised_memory_is_nan(monkeypatch):
     monkeypatch.setattr(torch, "empty", _nan_filled(torch.empty))

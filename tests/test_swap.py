@@ -221,8 +221,8 @@ def test_qtvit_vit_swap_counts_attention_modules_not_containers():
     model = create_model("qtvit_vit_micro", num_classes=3, img_size=32)
     model, count = swap_attention(model, "taylor2_chunk", chunks=4, return_count=True)
     assert count == len(model.blocks)  # the model's own set_kernel (a container) is not counted
-    assert all(b.attn.kernel == "taylor2_chunk" and b.attn.kernel_params.fixed == {"chunks": 4}
-               for b in model.blocks)
+    fixed = {**qtvit.get_kernel("taylor2_chunk").params, "chunks": 4}  # other parameters at their defaults
+    assert all(b.attn.kernel == "taylor2_chunk" and b.attn.kernel_params.fixed == fixed for b in model.blocks)
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -170,7 +170,8 @@ def test_set_kernel_switches_every_block_and_keeps_weights():
     model.set_kernel("taylor2_pool", pool=4)
     assert all(b.attn.kernel == "taylor2_pool" for b in model.blocks)
     assert model.blocks[0].attn.qkv.weight is w
-    assert model.blocks[0].attn.kernel_params.fixed == {"pool": 4}
+    # the given pool, every other fixed parameter at the kernel's default
+    assert model.blocks[0].attn.kernel_params.fixed == {**qtvit.get_kernel("taylor2_pool").params, "pool": 4}
 
 
 def test_kernel_params_reach_every_block():
