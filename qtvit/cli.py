@@ -23,7 +23,9 @@ SUBCOMMANDS = (
     "qtvit.bench.cli",
     "qtvit.train.cli",
     "qtvit.bench.reproduce",
+    "qtvit.deploy.cli",
     "qtvit.tasks.detection.cli",
+    "qtvit.tasks.segmentation.cli",
 )
 
 USER_ERRORS = (QtvitError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
