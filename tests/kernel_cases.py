@@ -9,9 +9,9 @@ from __future__ import annotations
 import qtvit
 
 EXTRA_PARAMS: dict[str, list[dict]] = {
-    "taylor2_pool": [{"pool": 2}, {"pool": 4}],
-    "taylor2_chunk": [{"chunks": 2}, {"chunks": 4}, {"chunks": 8}],
-    "taylor2_random": [{"seed": 0}, {"seed": 7}],
+    "taylor2_pool": [{"pool": 2}, {"pool": 4}, {"pool": 2, "scaling": "preserve"}, {"pool": 4, "scaling": "preserve"}],
+    "taylor2_chunk": [{"chunks": 2}, {"chunks": 4}, {"chunks": 8}, {"chunks": 8, "scaling": "preserve"}],
+    "taylor2_random": [{"seed": 0}, {"seed": 7}, {"seed": 0, "scaling": "preserve"}],
     "qt": [{}, {"const": 0.3}],
     "qt_paper": [{}, {"alpha": 0.7, "beta": 0.5, "gamma": 1.3}],
 }

@@ -21,7 +21,8 @@ from qtvit.kernels import linear_attention_generic, symmetric_outer
 LINEAR_CASES = kernel_cases(linear_only=True)
 ALL_CASES = kernel_cases()
 SPEC_NAMES = ["softmax", "relu", "cosine", "mean", "sigmoid_softmax", "angular", "taylor1", "taylor2",
-              "taylor2_pool", "taylor2_chunk", "taylor2_random", "qt_paper", "qt"]
+              "taylor2_pool", "taylor2_chunk", "taylor2_random", "qt_paper", "qt",
+              "none"]  # the ablation control (zero attention output)
 
 
 def qkv(B=2, H=3, N=49, M=None, d=16, e=None, dtype=torch.float64, scale=1.0, seed=0):
