@@ -27,12 +27,12 @@ def test_demo_default_recipe_at_reduced_budget(tmp_path, capsys):
         assert str(out / name) in printed
     summary = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= summary["accuracy"] <= 1.0 and summary["accuracy"] == summary["top1"] / 100
-    assert summary["chance"] == 1 / 16 and summary["epochs"] == 2 and summary["wall_seconds"] > 0
+    assert summary["chance"] == 1 / 4 and summary["epochs"] == 2 and summary["wall_seconds"] > 0
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
     # The checkpoint is an ordinary qtvit checkpoint: the registry loads its EMA weights directly.
     cfg = load_config("demo")
-    model = qtvit.create_model(cfg.model.name, checkpoint=str(out / "last.pt"), num_classes=16,
+    model = qtvit.create_model(cfg.model.name, checkpoint=str(out / "last.pt"), num_classes=4,
                                **cfg.model.kwargs)
     from qtvit.layers import KernelParams
 

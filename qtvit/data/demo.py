@@ -1,21 +1,30 @@
-"""The built-in demo dataset: two objects far apart whose *relations* are the class.
+"""The built-in demo dataset: the class is how two distant objects are *aligned* with each other.
 
 Every image holds exactly two objects on a noisy background with small grey distractor specks.
-Each object has a shape (square, disc, triangle, cross), a hue, a size (3 levels) and a
-brightness (3 levels); shape and hue are random and carry no information. Call the object
-further left A and the other B (their centres are at least ``MIN_DX`` of the width apart, so
-"left" is unambiguous, but either may sit anywhere). The label is four relations between A and
-B, as bits::
+Each object has a shape (square, disc, triangle, cross), a hue, a size and a brightness, all
+drawn independently of the class: they are nuisance. The class is the geometry of the pair, with
+Δx, Δy the differences of the two centres (fractions of the image side)::
 
-    label = 8·[A is higher than B] + 4·[A is larger than B]
-          + 2·[A is brighter than B] + 1·[A and B are far apart]
+    0 "same row"       |Δy| ≤ TOL and |Δx| ≥ SEP
+    1 "same column"    |Δx| ≤ TOL and |Δy| ≥ SEP
+    2 "same diagonal"  ||Δx| − |Δy|| ≤ TOL and both ≥ SEP/√2 (on a 45° line)
+    3 "not aligned"    max(|Δx|, |Δy|) ≥ SEP; |Δx|, |Δy| and ||Δx| − |Δy|| all ≥ GAP
 
-16 classes, exactly balanced (``label = index mod 16``), chance 6.25%. Ties ("as large",
-"as bright") count as "no". No single object says anything about the label: which object is A
-depends on where the *other* one is, and every bit compares the two. A network must relate two
-distant parts of the image — what global attention is for: at 96 px the objects are at least
-43 px apart, more than the 35 px that a stride-16 feature sees through the convolutions before
-the first attention block of an EfficientViT.
+4 classes, exactly balanced (``label = index mod 4``), chance 25%. The centres are at least
+SEP (0.3 of the side) apart, and every class is a statement about *both* centres:
+
+* no object's local patch says anything: shape, hue, size and brightness are independent of the
+  class, and a centre alone says nothing about where the other one is;
+* no object's position says much either: the pair is placed uniformly wherever it fits, with the
+  signs of Δx and Δy and the order of the two objects random, so each centre on its own is
+  spread over the whole image in every class. A classifier that sees one centre's exact
+  position reaches about 30–35% (chance 25%; measured in ``tests/test_data.py``), against 100%
+  for one that sees both;
+* a model must therefore bring the two positions together: a convolution stack whose receptive
+  field is smaller than the objects' distance cannot, global average pooling of position-free
+  local features cannot (the class is not a function of the *set* of objects' appearances),
+  while attention with positional information on its keys can (e.g. second moments of the
+  object tokens' coordinates decide all four classes).
 
 Images are generated on the fly from ``numpy.random.default_rng((seed, split, index))``: the
 set is identical on every machine, needs no download or disk, and renders at any resolution
@@ -24,6 +33,8 @@ set is identical on every machine, needs no download or disk, and renders at any
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch.utils.data
 from PIL import Image
@@ -31,50 +42,59 @@ from PIL import Image
 SHAPES = ("square", "disc", "triangle", "cross")
 # red, green, blue, yellow; each with maximum channel 1, so brightness is the maximum channel
 HUES = ((1.0, 0.25, 0.2), (0.2, 1.0, 0.35), (0.3, 0.5, 1.0), (1.0, 0.85, 0.15))
-RADII = (0.05, 0.075, 0.1)  # small, medium, large (fraction of the image side)
-BRIGHTNESS = (0.4, 0.7, 1.0)  # dim, medium, bright (scales the hue)
-RELATIONS = ("A higher", "A larger", "A brighter", "far apart")  # label bits 3, 2, 1, 0
-NUM_CLASSES = 2 ** len(RELATIONS)
-MIN_DX = 0.45  # horizontal distance of the centres: "near" in [0.45, 0.57] ...
-FAR_DX = 0.62  # ... "far" in [0.62, 0.74] (fractions of the width)
-MIN_DY = 0.1  # minimum vertical distance, so "higher" is visible
+RADII = (0.05, 0.065, 0.08)  # small, medium, large (fraction of the image side)
+BRIGHTNESS = (0.5, 0.75, 1.0)  # dim, medium, bright (scales the hue)
+CLASSES = ("same row", "same column", "same diagonal", "not aligned")
+NUM_CLASSES = len(CLASSES)
+TOL = 0.03  # "aligned": the centres' offsets agree to 3% of the side (2 px at 64 px)
+GAP = 0.15  # "not aligned": every alignment misses by at least 15% of the side
+SEP = 0.3  # the centres are at least this far apart
+MARGIN = max(RADII) + 0.02  # centres keep this far from the border, so every object is whole
+SPAN = 1.0 - 2 * MARGIN  # the range a centre coordinate can take
 _SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
 def class_names() -> list[str]:
-    """Names by label, e.g. ``"A-higher,A-not-larger,A-brighter,near"``."""
-    names = []
-    for label in range(NUM_CLASSES):
-        higher, larger, brighter, far = ((label >> b) & 1 for b in (3, 2, 1, 0))
-        names.append(f"A-{'higher' if higher else 'lower'},A-{'' if larger else 'not-'}larger,"
-                     f"A-{'' if brighter else 'not-'}brighter,{'far' if far else 'near'}")
-    return names
+    """Names by label: ``["same-row", "same-column", "same-diagonal", "not-aligned"]``."""
+    return [c.replace(" ", "-") for c in CLASSES]
 
 
-def _shape_mask(shape: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """Boolean mask of ``SHAPES[shape]`` given offsets from its centre in units of its radius."""
-    ax, ay = np.abs(dx), np.abs(dy)
-    if shape == 0:  # square
-        return (ax <= 0.8) & (ay <= 0.8)
-    if shape == 1:  # disc
-        return dx * dx + dy * dy <= 1.0
-    if shape == 2:  # upward triangle: apex at dy=-1, base at dy=+0.8
-        return (dy <= 0.8) & (ax <= (dy + 1.0) * 0.55)
-    return ((ax <= 0.3) & (ay <= 1.0)) | ((ay <= 0.3) & (ax <= 1.0))  # plus-shaped cross
+def label_of(centres: tuple[tuple[float, float], tuple[float, float]]) -> int | None:
+    """The class of two centres by the rule in the module docstring; None if no rule applies."""
+    (x1, y1), (x2, y2) = centres
+    dx, dy = abs(x1 - x2), abs(y1 - y2)
+    if dy <= TOL and dx >= SEP:
+        return 0
+    if dx <= TOL and dy >= SEP:
+        return 1
+    if abs(dx - dy) <= TOL and min(dx, dy) >= SEP / math.sqrt(2):
+        return 2
+    if min(dx, dy, abs(dx - dy)) >= GAP and max(dx, dy) >= SEP:
+        return 3
+    return None
 
 
-def _ordered_pair(rng: np.random.Generator, n: int, a_greater: int) -> tuple[int, int]:
-    """Levels (a, b) in range(n), uniform over the pairs with a > b (if ``a_greater``) or a <= b."""
-    pairs = [(a, b) for a in range(n) for b in range(n) if (a > b) == bool(a_greater)]
-    return pairs[int(rng.integers(len(pairs)))]
+def _offsets(rng: np.random.Generator, label: int) -> tuple[float, float]:
+    """|Δx|, |Δy| of a pair of class ``label``."""
+    if label in (0, 1):
+        along, across = rng.uniform(SEP, SPAN), rng.uniform(0.0, TOL)
+        return (along, across) if label == 0 else (across, along)
+    if label == 2:
+        a = rng.uniform(SEP / math.sqrt(2) + TOL, SPAN - TOL)
+        return a, a + rng.uniform(-TOL, TOL)
+    # not aligned: the longer offset drawn as for a row or column, the shorter at least GAP from
+    # both 0 and the longer one (so single centres spread as in the other classes)
+    along = rng.uniform(SEP, SPAN)
+    across = rng.uniform(GAP, along - GAP)
+    return (along, across) if rng.integers(2) else (across, along)
 
 
 class RelationalShapes(torch.utils.data.Dataset):
-    """Deterministic synthetic 16-class dataset (see the module docstring for the rule).
+    """Deterministic synthetic 4-class dataset (see the module docstring for the rule).
 
     Args:
         split: ``"train"``, ``"val"`` or ``"test"``; each split is a separate random stream.
-        length: number of images (labels cycle through the classes, so any multiple of 16 is
+        length: number of images (labels cycle through the classes, so any multiple of 4 is
             exactly balanced).
         image_size: side of the square RGB image in pixels (any size ≥ 16).
         seed: dataset seed; the same (seed, split, index) always gives the same image.
@@ -85,7 +105,7 @@ class RelationalShapes(torch.utils.data.Dataset):
     Items are ``(image, label)``; ``classes`` and ``targets`` mirror torchvision's ImageFolder.
     """
 
-    def __init__(self, split: str = "train", length: int = 10_000, image_size: int = 96, seed: int = 0,
+    def __init__(self, split: str = "train", length: int = 10_000, image_size: int = 64, seed: int = 0,
                  transform=None, cache: bool = False) -> None:
         if split not in _SPLITS:
             raise ValueError(f"unknown demo split {split!r}; valid splits: {', '.join(_SPLITS)}")
@@ -103,27 +123,23 @@ class RelationalShapes(torch.utils.data.Dataset):
         return self.length
 
     def describe(self, index: int) -> dict:
-        """The scene behind image ``index``: label, and per object (A first) shape, hue, radius,
-        brightness and centre."""
+        """The scene behind image ``index``: label, and per object shape, hue, radius, brightness
+        and centre (x, y), both in [0, 1] with y pointing down."""
         rng = np.random.default_rng((self.seed, _SPLITS[self.split], index))
         label = index % NUM_CLASSES
-        higher, larger, brighter, far = ((label >> b) & 1 for b in (3, 2, 1, 0))
-        size_a, size_b = _ordered_pair(rng, len(RADII), larger)
-        light_a, light_b = _ordered_pair(rng, len(BRIGHTNESS), brighter)
-        shapes = tuple(int(v) for v in rng.integers(len(SHAPES), size=2))
-        hues = tuple(int(v) for v in rng.integers(len(HUES), size=2))
-        # Centres: A in the left part, B near or far to its right; the higher one (smaller y)
-        # at least MIN_DY above the other.
-        m = max(RADII) + 0.02
-        dx = rng.uniform(FAR_DX, FAR_DX + 0.12) if far else rng.uniform(MIN_DX, MIN_DX + 0.12)
-        xa = rng.uniform(m, 1.0 - m - dx)
-        y_top = rng.uniform(m, 1.0 - m - MIN_DY)
-        y_bottom = rng.uniform(y_top + MIN_DY, 1.0 - m)
-        ya, yb = (y_top, y_bottom) if higher else (y_bottom, y_top)
+        offsets = _offsets(rng, label)
+        centres = [[0.0, 0.0], [0.0, 0.0]]
+        for axis, delta in enumerate(offsets):
+            low = rng.uniform(MARGIN, 1.0 - MARGIN - delta)  # the pair fits, placed uniformly
+            first = int(rng.integers(2))  # which object takes the lower coordinate: random signs
+            centres[first][axis], centres[1 - first][axis] = low, low + delta
         return {
-            "label": label, "shapes": shapes, "hues": hues, "radii": (RADII[size_a], RADII[size_b]),
-            "brightness": (BRIGHTNESS[light_a], BRIGHTNESS[light_b]),
-            "centres": ((float(xa), float(ya)), (float(xa + dx), float(yb))), "rng": rng,
+            "label": label,
+            "shapes": tuple(int(v) for v in rng.integers(len(SHAPES), size=2)),
+            "hues": tuple(int(v) for v in rng.integers(len(HUES), size=2)),
+            "radii": tuple(RADII[int(v)] for v in rng.integers(len(RADII), size=2)),
+            "brightness": tuple(BRIGHTNESS[int(v)] for v in rng.integers(len(BRIGHTNESS), size=2)),
+            "centres": tuple((float(x), float(y)) for x, y in centres), "rng": rng,
         }
 
     def render(self, index: int) -> np.ndarray:
@@ -157,3 +173,15 @@ class RelationalShapes(torch.utils.data.Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
+
+
+def _shape_mask(shape: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Boolean mask of ``SHAPES[shape]`` given offsets from its centre in units of its radius."""
+    ax, ay = np.abs(dx), np.abs(dy)
+    if shape == 0:  # square
+        return (ax <= 0.8) & (ay <= 0.8)
+    if shape == 1:  # disc
+        return dx * dx + dy * dy <= 1.0
+    if shape == 2:  # upward triangle: apex at dy=-1, base at dy=+0.8
+        return (dy <= 0.8) & (ax <= (dy + 1.0) * 0.55)
+    return ((ax <= 0.3) & (ay <= 1.0)) | ((ay <= 0.3) & (ax <= 1.0))  # plus-shaped cross

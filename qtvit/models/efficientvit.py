@@ -83,10 +83,11 @@ class Stem(nn.Sequential):
     """3×3 stride-2 conv + BN + act (``in_conv``), then residual blocks ``res0..`` (DSConv for B,
     ResBlock for L). A Sequential so timm's ``flatten_sequential`` feature extraction sees it."""
 
-    def __init__(self, in_chans: int, width: int, depth: int, style: str, norm_layer, act_layer) -> None:
+    def __init__(self, in_chans: int, width: int, depth: int, style: str, norm_layer, act_layer,
+                 stride: int = 2) -> None:
         super().__init__()
-        self.stride = 2
-        self.add_module("in_conv", ConvNormAct(in_chans, width, 3, 2, norm_layer=norm_layer,
+        self.stride = stride
+        self.add_module("in_conv", ConvNormAct(in_chans, width, 3, stride, norm_layer=norm_layer,
                                                act_layer=act_layer))
         block = DSConv if style == "b" else ResBlock
         for k in range(depth):
@@ -127,6 +128,9 @@ class EfficientViT(nn.Module):
         drop_rate: dropout before the final Linear.
         num_classes: classifier outputs (0: no classifier, ``forward`` returns pre-logits).
         img_size: training resolution, int or (H, W): fixes the grid the APE is stored at.
+        strides: stride (1 or 2) of the stem and of stage 1..4's entry block; the default halves
+            the resolution five times (attention at strides 16 and 32). Small study models at
+            small images use 1s to give attention a finer token grid.
         in_chans: input channels.
         global_pool: only ``"avg"`` (as EfficientViT).
     """
@@ -153,6 +157,7 @@ class EfficientViT(nn.Module):
         img_size: int | tuple[int, int] = 224,
         in_chans: int = 3,
         global_pool: str = "avg",
+        strides: Sequence[int] = (2, 2, 2, 2, 2),
     ) -> None:
         super().__init__()
         if style not in STYLES:
@@ -160,6 +165,8 @@ class EfficientViT(nn.Module):
         if len(widths) != 5 or len(depths) != 5:
             raise ValueError(f"widths and depths need 5 entries (stem, stage 1..4); "
                              f"got {widths!r}, {depths!r}")
+        if len(strides) != 5 or any(s not in (1, 2) for s in strides):
+            raise ValueError(f"strides needs 5 entries (stem, stage 1..4), each 1 or 2; got {strides!r}")
         if global_pool != "avg":
             raise ValueError(f"global_pool={global_pool!r}: EfficientViT's head only supports 'avg'")
         if not 0.0 <= drop_path_rate < 1.0:
@@ -180,30 +187,32 @@ class EfficientViT(nn.Module):
         self.grad_checkpointing = False
         self.pretrained_cfg: dict = {}
 
-        self.stem = Stem(in_chans, widths[0], depths[0], style, norm, act)
+        self.stem = Stem(in_chans, widths[0], depths[0], style, norm, act, stride=strides[0])
         stages, self.feature_info, stride, c_in = [], [], self.stem.stride, widths[0]
         for i in range(4):
-            stride *= 2
+            step = strides[i + 1]
+            stride *= step
             c_out, depth = widths[i + 1], depths[i + 1]
             if i in attn_stages:
                 entry_expand = expand_ratio if style == "b" else L_ENTRY_EXPAND[i]
                 ffn_expand = expand_ratio if style == "b" else L_FFN_EXPAND
                 grid = ape_grid(self.img_size, stride)
-                entry = MBConv(c_in, c_out, 2, entry_expand, fewer_norm=True, norm_layer=norm, act_layer=act)
+                entry = MBConv(c_in, c_out, step, entry_expand, fewer_norm=True, norm_layer=norm,
+                               act_layer=act)
                 blocks = [ResidualBlock(entry, shortcut=False)]
                 blocks += [EfficientViTBlock(c_out, head_dim, ffn_expand, norm_layer=norm, act_layer=act,
                                              kernel=kernel, kernel_params=kernel_params, ape=ape,
                                              ape_size=grid, shortcut=shortcut, impl=attn_impl)
                            for _ in range(depth)]
             elif style == "b":  # depth counts the entry block
-                blocks = [ResidualBlock(MBConv(c_in if j == 0 else c_out, c_out, 2 if j == 0 else 1,
+                blocks = [ResidualBlock(MBConv(c_in if j == 0 else c_out, c_out, step if j == 0 else 1,
                                                expand_ratio, norm_layer=norm, act_layer=act), shortcut=j > 0)
                           for j in range(depth)]
             else:  # L stages 1–2 fused, stage 3 fewer-norm MBConv; depth counts blocks after the entry
                 fused = i < 2
                 blocks = []
                 for j in range(depth + 1):
-                    e, s, cin = (L_ENTRY_EXPAND[i], 2, c_in) if j == 0 else (expand_ratio, 1, c_out)
+                    e, s, cin = (L_ENTRY_EXPAND[i], step, c_in) if j == 0 else (expand_ratio, 1, c_out)
                     main = (FusedMBConv(cin, c_out, s, e, norm_layer=norm, act_layer=act) if fused else
                             MBConv(cin, c_out, s, e, fewer_norm=True, norm_layer=norm, act_layer=act))
                     blocks.append(ResidualBlock(main, shortcut=j > 0))
