@@ -169,3 +169,47 @@ def test_pair_task_labels_say_whether_the_two_squares_match():
         assert len(painted) == 2
         a, b = (cells[i, :, c, 0] for c in painted)
         assert bool(torch.equal(a, b)) == bool(y[i])
+
+
+def _quadratic_gain_vs_taylor2(case: KernelCase, d: int = 32, rho: float = 0.9, n: int = 20_000) -> float:
+    """How much the similarity part of the quadratic term, E[Q | ρ] − E[Q | 0], grows compared with
+    taylor2's, for q, k ~ N(0, I) with per-channel correlation ρ (float64, common random numbers).
+
+    For taylor2 (Q = (q·k)²/(2d)) this part is (d² + d)ρ²/(2d): it is what makes the weight peak where
+    q and k agree. "preserve" keeps it; the mean forms shrink it by about pool⁴, chunks and d.
+    """
+    from qtvit.kernels import get_kernel
+
+    g = torch.Generator().manual_seed(0)
+    q, z = (torch.randn(n, 1, 1, d, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def quadratic(name: str, params: dict, k: torch.Tensor) -> torch.Tensor:
+        kern = get_kernel(name)
+        w = kern.pairwise(q, k, **kern.resolve_params(params))  # (n, 1, 1, 1): each q with its own k
+        return w - 1.0 - (q * k).sum(-1, keepdim=True) / math.sqrt(d)  # the quadratic term Q/2
+
+    def similarity_part(name: str, params: dict) -> float:
+        correlated = rho * q + math.sqrt(1 - rho * rho) * z
+        return float(quadratic(name, params, correlated).mean() - quadratic(name, params, z).mean())
+
+    return similarity_part(case.kernel, case.params) / similarity_part("taylor2", {})
+
+
+REDUCTIONS = [KernelCase("taylor2_pool", {"pool": 2}), KernelCase("taylor2_pool", {"pool": 4}),
+              KernelCase("taylor2_chunk", {"chunks": 4}), KernelCase("taylor2_chunk", {"chunks": 8}),
+              KernelCase("taylor2_random")]
+
+
+@pytest.mark.parametrize("case", REDUCTIONS, ids=lambda c: c.label)
+def test_preserving_scaling_keeps_taylor2s_quadratic_term_and_mean_shrinks_it(case):
+    preserved = _quadratic_gain_vs_taylor2(replace(case, params={**case.params, "scaling": "preserve"}))
+    shrunk = _quadratic_gain_vs_taylor2(replace(case, params={**case.params, "scaling": "mean"}))
+    assert preserved == pytest.approx(1.0, rel=0.05), preserved
+    factor = {"taylor2_pool": case.params.get("pool", 2) ** 4, "taylor2_chunk": case.params.get("chunks"),
+              "taylor2_random": 32}[case.kernel]
+    assert shrunk * factor == pytest.approx(1.0, rel=0.25), (shrunk, factor)  # (d + p)/(d + 1) ≤ 1.22
+
+
+def test_unknown_scaling_is_named():
+    with pytest.raises(ValueError, match="unknown scaling 'sum'; valid: mean, preserve"):
+        attention_distances(*_qkv(1.0), KernelCase("taylor2_pool", {"scaling": "sum"}))

@@ -73,8 +73,9 @@ class KernelCase:
     @property
     def label(self) -> str:
         kern = get_kernel(self.kernel)
-        fixed = {n: v for n, v in kern.resolve_params(self.params).items()
-                 if n not in kern.learnable and n != "seed"}
+        # the seed of taylor2_random and a reduction's default scaling stay out of the label
+        fixed = {n: v for n, v in kern.resolve_params(self.params).items() if n not in kern.learnable
+                 and n != "seed" and not (n == "scaling" and v == kern.params[n])}
         if not fixed:
             return self.kernel
         return self.kernel + "(" + ", ".join(f"{n}={v}" for n, v in fixed.items()) + ")"
@@ -102,9 +103,10 @@ def parse_case(text: str) -> KernelCase:
         if not eq:
             raise ValueError(f"kernel parameter {item!r}: use name=value (e.g. taylor2_pool:pool=4)")
         try:
-            params[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
-        except ValueError:
-            raise ValueError(f"kernel parameter {item!r}: {value!r} is not a number") from None
+            value = value.strip()
+            params[key.strip()] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:  # a word (scaling=preserve)
+            params[key.strip()] = value
     kern.resolve_params(params)  # unknown parameters raise
     return KernelCase(kern.name, params)
 

@@ -1,58 +1,52 @@
 """``qtvit reproduce kernels|reductions``: the paper's kernel ablations (Tables 2 and 3) on your data.
 
 Each study trains the same model on the same data once per (attention kernel, seed) with the
-project's trainer (:class:`qtvit.train.Trainer`), changing nothing but the kernel, and reports
-per kernel: held-out top-1 (mean ± sample std over the seeds), the paper's ImageNet top-1
+project's trainer, changing nothing but the kernel, and reports per kernel: held-out top-1
+(mean ± sample std over the seeds), its gap to the ``none`` control, the paper's ImageNet top-1
 beside it (parsed from :attr:`qtvit.kernels.Kernel.reference`), the model's MACs with that
 kernel and the measured time of one training step.
 
 * ``kernels`` (Table 2): softmax, relu, cosine, mean, sigmoid_softmax, angular, taylor1, qt.
 * ``reductions`` (Table 3): taylor2, taylor2_pool (pool 2, 4), taylor2_chunk (chunks 2, 4, 8),
-  taylor2_random, qt.
+  taylor2_random, qt (the reductions in their default ``scaling``; both scalings are compared in
+  ``qtvit bench approximation``).
+* Both end with ``none``, the control: every LiteMLA's attention output is zero while its
+  multi-scale aggregation, GELU(BN(v)) shortcut and projection stay, so only global token mixing
+  is removed. A kernel that does not beat it has not shown that its attention does anything.
 
-Defaults (a CPU budget, both datasets in one command): a 0.3M-parameter EfficientViT-B layout
-(``qtvit_b0`` narrowed, one attention block in stages 3 and 4, every block keeping the builder's
-APE and GELU(BN(v)) shortcut whatever the kernel) at 64 px, on the built-in relational demo
-set (the label compares two distant objects) and on Fashion-MNIST (28 px upsampled to 64),
-:data:`SMALL_RECIPE` and :data:`DATASET_RECIPES`. The same command scales up::
+Defaults (a CPU budget of about 30 minutes per study on one core, both datasets in one command):
+the recipes ``configs/ablation/demo.yaml`` and ``configs/ablation/fashion_mnist.yaml`` — a
+0.18M-parameter QT-ViT layout whose two attention blocks see 8×8 tokens at 64 px, trained for
+a few hundred steps on the built-in demo set (the class is the alignment of two distant objects)
+and on Fashion-MNIST. The same command scales up::
 
     torchrun --nproc_per_node 8 -m qtvit reproduce kernels --model qtvit_1 --data /data/imagenet \\
         --epochs 300 --output-dir runs/table2
 
-(a folder dataset uses the model's YAML recipe from ``configs/`` — the paper's — unless
-``--config`` names another; without ``--model`` it is QT-ViT-1's model and recipe). On a CPU the
-CPU recipe runs one intra-op thread per process (see :func:`resolve_threads`).
+(a folder dataset uses the model's YAML recipe from ``configs/`` unless ``--config`` names
+another; without ``--model`` it is QT-ViT-1's). On a CPU the built-in recipes run one intra-op
+thread per process (:func:`resolve_threads`).
 
-Outputs in ``--output-dir``: ``reproduce.json`` (settings, environment header, every run,
-summaries; rewritten after each run), ``table.md`` (Markdown for docs/RESULTS.md), ``<study>.png``
-(bars with error bars), and one trainer run folder per (dataset, kernel, seed) holding its
-``result.json``. A finished (dataset, kernel, seed) is never trained again: ``--resume`` skips
-it and continues an interrupted run from its last checkpoint; an existing output folder is
-never reused without ``--resume`` or ``--overwrite``.
+Outputs in ``--output-dir``: ``reproduce.json`` (settings, environment with the git commit,
+every run, summaries; rewritten after each run), ``table.md`` (Markdown for docs/RESULTS.md),
+``<study>.png`` and one trainer run folder per (dataset, kernel, seed) with its ``result.json``.
+A finished (dataset, kernel, seed) is never trained again: ``--resume`` skips it and continues an
+interrupted run from its checkpoint; an existing output folder is never reused without
+``--resume`` or ``--overwrite``. The seed is the trainer's ``train.seed``: initial weights, data
+order and, for the demo set, which images are drawn — one seed is one full replicate, and every
+kernel sees the same replicate.
 
-The seed is the trainer's ``train.seed``: it fixes the initial weights, the data order and, for
-the demo set, which images are drawn (train and held-out), so one seed is one full replicate
-and every kernel sees the same replicate.
-
-Measurements besides accuracy:
-  * MACs: :func:`qtvit.models.macs.count_macs` of one 1-image forward at the training size, on
-    the meta device (where softmax's fused attention is counted too), once as the model runs
-    (``impl="auto"``: dense weights where N² is cheaper than the feature map, e.g. taylor2 at a
-    few tokens) and once with every linear-capable kernel forced onto its O(N) feature path.
-  * step time: forward + loss + backward + AdamW step on one random batch of the training size
-    and resolution, all kernels timed in interleaved rounds in one process
-    (:func:`qtvit.bench.timing.time_interleaved`), median in ms; the trainer's own throughput
-    (images/s, loader included) is kept per run in the JSON.
+MACs are counted on the meta device for one image at the training size, as run (``impl=auto``)
+and with every linear-capable kernel on its O(N) path; the step time is forward + loss +
+backward + AdamW on one random batch, all kernels timed in interleaved rounds in one process.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import inspect
 import json
-import os
 import re
 import shutil
 import statistics
@@ -61,112 +55,40 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import QtvitError
+from ..io import write_atomic, write_json
 from ..kernels import get_kernel
+from ..train.classification import ClassificationTask
 from . import env as bench_env
 from .approximation import KernelCase, parse_case
-from .attention import write_json
 
-if TYPE_CHECKING:
-    from ..train.trainer import FitResult
-
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 Echo = Callable[[str], None]
+CONTROL = "none"
 
 STUDIES: dict[str, dict] = {
-    "kernels": {
-        "table": "Table 2",
-        "title": "attention kernels",
-        "variants": ("softmax", "relu", "cosine", "mean", "sigmoid_softmax", "angular", "taylor1", "qt"),
-    },
-    "reductions": {
-        "table": "Table 3",
-        "title": "reductions of the quadratic Taylor kernel",
-        "variants": ("taylor2", "taylor2_pool:pool=2", "taylor2_pool:pool=4", "taylor2_chunk:chunks=2",
-                     "taylor2_chunk:chunks=4", "taylor2_chunk:chunks=8", "taylor2_random", "qt"),
-    },
+    "kernels": {"table": "Table 2", "title": "attention kernels",
+                "variants": ("softmax", "relu", "cosine", "mean", "sigmoid_softmax", "angular", "taylor1",
+                             "qt", CONTROL)},
+    "reductions": {"table": "Table 3", "title": "reductions of the quadratic Taylor kernel",
+                   "variants": ("taylor2", "taylor2_pool:pool=2", "taylor2_pool:pool=4",
+                                "taylor2_chunk:chunks=2", "taylor2_chunk:chunks=4", "taylor2_chunk:chunks=8",
+                                "taylor2_random", "qt", CONTROL)},
 }
-DEFAULT_DATA = ("demo", "fashion-mnist")
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_MODEL = "qtvit_b0"
+DEFAULT_MODEL = "qtvit_b0"  # the recipes' model; another --model drops the recipes' layout kwargs
 FOLDER_MODEL = "qtvit_b1"  # a folder (ImageNet) without --model: the paper's Table 2/3 model and recipe
+RECIPES = {"demo": "ablation/demo", "fashion-mnist": "ablation/fashion_mnist"}  # under configs/
 PLOT_INTERVAL_S = 60.0  # the PNG is redrawn at most this often while a study runs (and at its end)
-# Files of an output folder that --overwrite removes besides the per-dataset run folders.
 OUTPUT_FILES = ("reproduce.json", "table.md", "kernels.png", "reductions.png")
-
-# The CPU recipe shared by the built-in datasets (merged into the trainer's Config defaults).
-SMALL_RECIPE: dict = {
-    "model": {
-        "name": DEFAULT_MODEL,
-        "drop_path_rate": 0.0,  # a few hundred steps do not overfit
-    },
-    "aug": {
-        "multi_res": False,  # one resolution: smaller sizes would leave attention 1–4 tokens
-        "no_aug": True,  # no crops or flips: flipping the demo swaps "left" and "right" (the label)
-        "randaug": False,
-        "mixup_alpha": 0.0,  # mixing two demo scenes makes four objects: the relations become undefined
-        "cutmix_alpha": 0.0,
-        "label_smoothing": 0.1,
-        "bce": True,  # the paper's loss
-    },
-    "optim": {
-        "lr": 2.0e-3,  # fixed, tuned for batch 64 on the demo (the demo recipe's value)
-        "weight_decay": 0.05,
-        "warmup_epochs": 0.1,
-        "clip_grad": 2.0,
-        "clip_mode": "value",
-    },
-    "train": {
-        "epochs": 2,
-        "batch_size": 64,
-        "ema": False,  # an EMA with a warm-up longer than the run would only lag the weights
-        "bn_reestimate": False,  # without EMA the running BN statistics are the trained ones
-    },
-    "data": {
-        "num_workers": 0,  # a loader process would compete for the 2 cores; images are cached/cheap
-    },
-    "run": {
-        "save_best": False,
-        "log_interval": 25,
-    },
-}
-# The narrowed qtvit_b0 of the CPU recipe (only used with the default model).
-SMALL_MODEL_KWARGS: dict = {
-    "widths": [8, 16, 32, 64, 96],  # narrow early stages: at 64 px they cost the most
-    "depths": [1, 1, 1, 1, 1],  # one attention block in stage 3 (4×4 tokens) and stage 4 (2×2)
-    "head_widths": [128, 128],
-}
-SMALL_IMAGE_SIZE = 64  # 4×4 tokens at stride 16: the smallest size where attention has a choice
-# Per built-in dataset: the data section and the step budget of the CPU recipe.
-DATASET_RECIPES: dict[str, dict] = {
-    "demo": {
-        "data": {
-            "dataset": "demo",
-            "demo_train_size": 9_600,  # 150 steps of 64 per epoch; fresh images, rendered once per seed
-            "demo_val_size": 2_000,  # held out, 125 per class
-            "demo_cache": True,
-        },
-        "train": {"max_steps_per_epoch": 150},
-    },
-    "fashion-mnist": {
-        "data": {
-            "dataset": "fashion_mnist",
-            "max_val_images": 2_000,  # the first 2000 of the 10k test images (class-balanced within ±3%)
-        },
-        "train": {"max_steps_per_epoch": 100},  # a random 6400 of the 60k training images per epoch
-    },
-}
 # --quick: a smoke test that exercises everything in seconds.
-QUICK_OVERRIDES: dict = {
-    "train": {"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 2},
-    "data": {"demo_train_size": 32, "demo_val_size": 32, "max_val_images": 32},
-    "optim": {"warmup_epochs": 0.0},
-    "run": {"log_interval": 1},
-}
+QUICK_OVERRIDES = ("train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=2",
+                   "data.demo_train_size=32", "data.demo_val_size=32", "data.max_val_images=32",
+                   "optim.warmup_epochs=0.0", "run.log_interval=1", "train.ema=false",
+                   "train.bn_reestimate=false", "data.num_workers=0")
 QUICK_IMAGE_SIZE = 32
 
 
@@ -192,7 +114,11 @@ class Dataset:
 
     @property
     def builtin(self) -> bool:
-        return self.name in DATASET_RECIPES
+        return self.name in RECIPES
+
+    @property
+    def text(self) -> str:
+        return self.path if self.name == "folder" else self.name + (f":{self.path}" if self.path else "")
 
 
 def parse_dataset(text: str) -> Dataset:
@@ -216,8 +142,8 @@ def parse_dataset(text: str) -> Dataset:
 class ReproConfig:
     """Settings of one ``qtvit reproduce`` invocation (the CLI flags map onto these fields).
 
-    ``None`` means "the recipe's value": the CPU recipe for the built-in datasets, the model's
-    YAML recipe (or ``config``) for a folder.
+    ``None`` means "the recipe's value": ``configs/ablation/`` for the built-in datasets, the
+    model's YAML recipe (or ``config``) for a folder.
     """
 
     study: str = "kernels"
@@ -225,7 +151,7 @@ class ReproConfig:
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     datasets: tuple[Dataset, ...] = (Dataset("demo"), Dataset("fashion-mnist"))
     model: str | None = None
-    config: str | None = None  # YAML recipe for folder data (default: the model's, if any)
+    config: str | None = None  # YAML recipe for every dataset (default: the built-in or the model's)
     epochs: int | None = None
     steps: int | None = None  # cap on steps per epoch
     img_size: int | None = None
@@ -237,11 +163,13 @@ class ReproConfig:
     quick: bool = False
     output_dir: str | None = None  # None: reproduce-<study>
     device: str = "auto"
-    threads: int | None = None  # None: 1 for the CPU recipe on a CPU (see resolve_threads), else torch's
+    threads: int | None = None  # None: 1 for the built-in recipes on a CPU, else torch's
     timing: bool = True
     timing_repeats: int = 5
     keep_checkpoints: bool = False
     progress: bool = True
+
+    FLAGS = ("model", "config", "epochs", "steps", "img_size", "batch_size", "val_images", "threads")
 
     def variant_list(self) -> list[KernelCase]:
         if self.variants is not None:
@@ -261,10 +189,9 @@ class ReproConfig:
         """Raise QtvitError naming the first bad setting (unknown kernels list the valid ones)."""
         if self.study not in STUDIES:
             raise QtvitError(f"unknown study {self.study!r}; valid: {', '.join(STUDIES)}")
-        variants = self.variant_list()
-        if not variants:
+        labels = [v.label for v in self.variant_list()]
+        if not labels:
             raise QtvitError("no kernels to compare")
-        labels = [v.label for v in variants]
         if len(set(labels)) != len(labels):
             raise QtvitError(f"a kernel is listed twice: {', '.join(labels)}")
         if not self.seeds:
@@ -275,7 +202,7 @@ class ReproConfig:
             raise QtvitError("no datasets")
         if len({d.slug for d in self.datasets}) != len(self.datasets):
             raise QtvitError(f"two datasets share a name: {', '.join(d.label for d in self.datasets)}")
-        for name in ("epochs", "steps", "img_size", "batch_size", "val_images", "timing_repeats", "threads"):
+        for name in (*self.FLAGS[2:], "timing_repeats"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise QtvitError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
@@ -287,52 +214,40 @@ QUICK = ReproConfig(quick=True, timing_repeats=1)
 
 
 def resolve_threads(rc: ReproConfig, device: torch.device) -> int | None:
-    """Intra-op threads to run with: ``rc.threads``, else 1 when the CPU recipe trains on a CPU.
+    """Intra-op threads: ``rc.threads``, else 1 when the built-in recipes train on a CPU.
 
-    Why 1: the recipe's model is small (≈0.1 s per step of 64 images on one core), so a second
-    thread gains little, and when anything else runs on the machine OpenMP's threads wait for
-    each other: measured here with a busy second core, 0.1 s per step on 1 thread against
-    0.5–5 s on 2. None leaves torch's default.
+    Why 1: the study model is small (≈0.1 s per step of 32 images on one core), so a second
+    thread gains little, and when anything else runs on the machine (the other study, say) OpenMP's
+    threads wait for each other. None leaves torch's default.
     """
     if rc.threads is not None:
         return rc.threads
-    recipe = rc.config is None and all(d.builtin for d in rc.datasets)
-    return 1 if recipe and device.type == "cpu" else None
+    builtin = rc.config is None and all(d.builtin for d in rc.datasets)
+    return 1 if builtin and device.type == "cpu" else None
 
 
 def command_line(rc: ReproConfig) -> str:
     """The ``qtvit reproduce`` command that regenerates ``rc`` (flags that differ from the defaults)."""
     default = QUICK if rc.quick else ReproConfig()
     parts = ["qtvit", "reproduce", rc.study]
-    if rc.variants is not None and [v.label for v in rc.variant_list()] != [
-            parse_case(v).label for v in STUDIES[rc.study]["variants"]]:
-        parts.append("--kernels " + ",".join(_case_text(v) for v in rc.variants))
+    defaults = [parse_case(v).label for v in STUDIES[rc.study]["variants"]]
+    if [v.label for v in rc.variant_list()] != defaults:
+        parts.append("--kernels " + ",".join(_case_text(v) for v in rc.variant_list()))
     if rc.seeds != default.seeds:
         parts.append("--seeds " + ",".join(map(str, rc.seeds)))
     if rc.datasets != default.datasets:
-        parts.append("--data " + ",".join(d.path if d.name == "folder" else
-                                          d.name + (f":{d.path}" if d.path else "") for d in rc.datasets))
-    for name in ("model", "config", "epochs", "steps", "img_size", "batch_size", "val_images", "threads"):
-        if getattr(rc, name) is not None:
-            parts.append(f"--{name.replace('_', '-')} {getattr(rc, name)}")
-    for name in ("ape", "shortcut"):
-        if getattr(rc, name) is not None:
-            parts.append(f"--{'' if getattr(rc, name) else 'no-'}{name}")
-    if rc.device != "auto":
-        parts.append(f"--device {rc.device}")
-    if rc.quick:
-        parts.append("--quick")
-    if rc.output_dir is not None:
-        parts.append(f"--output-dir {rc.output_dir}")
-    parts += list(rc.overrides)
-    return " ".join(parts)
+        parts.append("--data " + ",".join(d.text for d in rc.datasets))
+    parts += [f"--{n.replace('_', '-')} {getattr(rc, n)}" for n in rc.FLAGS if getattr(rc, n) is not None]
+    parts += [f"--{'' if getattr(rc, n) else 'no-'}{n}" for n in ("ape", "shortcut")
+              if getattr(rc, n) is not None]
+    parts += [f"--device {rc.device}"] if rc.device != "auto" else []
+    parts += ["--quick"] if rc.quick else []
+    parts += [f"--output-dir {rc.output_dir}"] if rc.output_dir is not None else []
+    return " ".join(parts + list(rc.overrides))
 
 
 def _case_text(case: KernelCase) -> str:
     return case.kernel + (":" + ";".join(f"{k}={v}" for k, v in case.params.items()) if case.params else "")
-
-
-# ------------------------------------------------------------------------------ paper numbers
 
 
 def paper_top1(case: KernelCase) -> float | None:
@@ -359,25 +274,11 @@ def paper_top1(case: KernelCase) -> float | None:
 # ------------------------------------------------------------------------------ trainer configs
 
 
-@functools.lru_cache(maxsize=16)
-def _takes_kernel_params_dict(model: str) -> bool:
-    """Whether ``model``'s class takes the kernel's parameters as one ``kernel_params`` dict
-    (EfficientViT) rather than as keyword arguments (the plain ViT)."""
-    from ..models import create_model
-
-    with torch.device("meta"):
-        net = create_model(model, num_classes=2)
-    param = inspect.signature(type(net).__init__).parameters.get("kernel_params")
-    return param is not None and param.kind is not inspect.Parameter.VAR_KEYWORD
-
-
-def _recipe_for(model: str | None) -> str | None:
+def _recipe_for(model: str) -> str | None:
     """The YAML recipe named after ``model`` or its paper alias (``qtvit_b1`` → ``qtvit_1``), if any."""
     from ..models import list_models, resolve_model_name
     from ..train.config import find_config
 
-    if model is None:
-        return None
     canonical = resolve_model_name(model)
     aliases = [a for a in list_models(include_aliases=True) if resolve_model_name(a) == canonical]
     for name in (model, *aliases):
@@ -391,62 +292,52 @@ def _recipe_for(model: str | None) -> str | None:
 def base_config(rc: ReproConfig, dataset: Dataset):
     """The trainer :class:`~qtvit.train.Config` for ``dataset`` before the kernel and seed are set.
 
-    Built-in datasets: Config defaults ← :data:`SMALL_RECIPE` ← the dataset's recipe ← ``--quick``
-    ← flags ← overrides. Folders: the ``--config`` recipe (else the model's YAML recipe, else the
-    defaults, which are the paper's recipe for QT-ViT-1) ← flags ← overrides.
+    The recipe (``--config``, else ``configs/ablation/<dataset>.yaml`` for the built-in data, else
+    the model's YAML recipe) ← ``--quick`` ← flags ← overrides.
     """
-    from ..train.config import Config, load_config, merge_dict, parse_override, validate
+    from ..train.config import load_config, merge_dict, parse_override, validate
 
-    small = dataset.builtin and rc.config is None
-    if small:
-        cfg = Config()
-        merge_dict(cfg, copy.deepcopy(SMALL_RECIPE), "reproduce CPU recipe")
-        merge_dict(cfg, copy.deepcopy(DATASET_RECIPES[dataset.name]), f"reproduce {dataset.name} recipe")
-        if rc.quick:
-            merge_dict(cfg, copy.deepcopy(QUICK_OVERRIDES), "--quick")
-        model = rc.model or DEFAULT_MODEL
-        kwargs = dict(SMALL_MODEL_KWARGS) if model == DEFAULT_MODEL else {}
-        size = rc.img_size or (QUICK_IMAGE_SIZE if rc.quick else SMALL_IMAGE_SIZE)
-        kwargs["img_size"] = size
-        merge_dict(cfg, {"model": {"name": model, "kwargs": kwargs}, "aug": {"train_sizes": [size]},
-                         "data": {"demo_image_size": size}}, "reproduce")
-    else:
-        recipe = rc.config or _recipe_for(rc.model or FOLDER_MODEL)
-        cfg = load_config(recipe)
-        if rc.model:
-            cfg.model.name = rc.model
-        if rc.quick:
-            merge_dict(cfg, copy.deepcopy(QUICK_OVERRIDES), "--quick")
-            merge_dict(cfg, {"train": {"ema": False, "bn_reestimate": False}, "data": {"num_workers": 0}},
-                       "--quick")
-        size = rc.img_size or (QUICK_IMAGE_SIZE if rc.quick else None)
-        if size:
-            merge_dict(cfg, {"model": {"kwargs": {**cfg.model.kwargs, "img_size": size}},
-                             "aug": {"multi_res": False, "train_sizes": [size]},
-                             "data": {"demo_image_size": size}}, "--img-size")
-    if dataset.name == "folder":
-        merge_dict(cfg, {"data": {"dataset": "folder", "path": dataset.path}}, "--data")
-    elif dataset.name == "fashion-mnist":
-        merge_dict(cfg, {"data": {"dataset": "fashion_mnist", "path": dataset.path}}, "--data")
-    else:
-        merge_dict(cfg, {"data": {"dataset": "demo"}}, "--data")
-    flags = {"train": {"epochs": rc.epochs, "batch_size": rc.batch_size, "max_steps_per_epoch": rc.steps,
+    recipe = rc.config or RECIPES.get(dataset.name) or _recipe_for(rc.model or FOLDER_MODEL)
+    cfg = load_config(recipe, QUICK_OVERRIDES if rc.quick else ())
+    if rc.model and rc.model != cfg.model.name:
+        cfg.model.name = rc.model
+        if dataset.builtin:  # the recipe's layout belongs to its model; keep only the image size
+            cfg.model.kwargs = {k: v for k, v in cfg.model.kwargs.items() if k == "img_size"}
+    size = rc.img_size or (QUICK_IMAGE_SIZE if rc.quick else None)
+    if size:
+        merge_dict(cfg, {"model": {"kwargs": {**cfg.model.kwargs, "img_size": size}},
+                         "aug": {"multi_res": False, "train_sizes": [size]},
+                         "data": {"demo_image_size": size}},
+                   "--img-size")
+    data = {"dataset": {"folder": "folder", "fashion-mnist": "fashion_mnist"}.get(dataset.name, "demo")}
+    if dataset.path:
+        data["path"] = dataset.path
+    flags = {"data": {**data, "max_val_images": rc.val_images},
+             "train": {"epochs": rc.epochs, "batch_size": rc.batch_size, "max_steps_per_epoch": rc.steps,
                        "device": rc.device},
-             "data": {"max_val_images": rc.val_images},
              "model": {"ape": rc.ape, "shortcut": rc.shortcut}}
     for section, values in flags.items():
-        given = {key: value for key, value in values.items() if value is not None}
-        merge_dict(cfg, {section: given}, "flags")
-    if small:
-        cfg.train.eval_interval = cfg.train.epochs  # evaluate once, after the last epoch
+        merge_dict(cfg, {section: {k: v for k, v in values.items() if v is not None}}, "flags")
     if cfg.optim.warmup_epochs >= cfg.train.epochs:  # e.g. --epochs 1 with the paper's 20 warm-up epochs
         cfg.optim.warmup_epochs = 0.1 * cfg.train.epochs
+    if dataset.builtin and rc.config is None:
+        cfg.train.eval_interval = cfg.train.epochs  # evaluate once, after the last epoch
     for text in rc.overrides:
         section, key, value = parse_override(text)
         merge_dict(cfg, {section: {key: value}}, f"override {text!r}")
     cfg.run.progress = rc.progress and sys.stderr.isatty()
     validate(cfg)
     return cfg
+
+
+@functools.lru_cache(maxsize=16)
+def _takes_kernel_params_dict(model: str) -> bool:
+    from ..models import create_model
+
+    with torch.device("meta"):
+        net = create_model(model, num_classes=2)
+    param = inspect.signature(type(net).__init__).parameters.get("kernel_params")
+    return param is not None and param.kind is not inspect.Parameter.VAR_KEYWORD
 
 
 def variant_config(base, case: KernelCase, seed: int, run_dir: Path):
@@ -457,7 +348,7 @@ def variant_config(base, case: KernelCase, seed: int, run_dir: Path):
     cfg.model.kernel = case.kernel
     if case.params:
         kwargs = dict(cfg.model.kwargs)
-        if _takes_kernel_params_dict(cfg.model.name):
+        if _takes_kernel_params_dict(cfg.model.name):  # EfficientViT: one dict; the plain ViT: keywords
             kwargs["kernel_params"] = {**kwargs.get("kernel_params", {}), **case.params}
         else:
             kwargs.update(case.params)
@@ -472,6 +363,43 @@ def case_slug(case: KernelCase) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "", case.label.replace("(", "-").replace(", ", "-").replace("=", ""))
 
 
+# ------------------------------------------------------------------------------ the task
+
+
+class ReproTask(ClassificationTask):
+    """Classification, with two differences for a study that trains many runs in one process:
+
+    * the built-in datasets are shared between the runs of one seed (every kernel reads the
+      same images, and the demo set renders each image once); only the last key is kept, runs
+      being ordered seed-major;
+    * with ``aug.no_aug`` evaluation does not crop either (``crop_pct`` 1.0): a model whose card
+      says 0.875 (the plain ViTs) would otherwise be evaluated zoomed in, which on the demo set
+      moves the objects and can change the class.
+    """
+
+    _shared: dict[tuple, tuple] = {}
+
+    def load_data(self, seed: int) -> list[str]:
+        d = self.cfg.data
+        if d.dataset not in ("demo", "fashion_mnist"):
+            return super().load_data(seed)
+        key = (d.dataset, d.path, seed, d.demo_image_size, d.demo_train_size, d.demo_val_size, d.demo_cache)
+        if key not in ReproTask._shared:
+            ReproTask._shared.clear()
+            classes = super().load_data(seed)
+            ReproTask._shared[key] = (self.train_base, self.val_base, classes)
+        self.train_base, self.val_base, classes = ReproTask._shared[key]
+        self._build_loss(len(classes))
+        return classes
+
+    def build_model(self, num_classes: int):
+        model = super().build_model(num_classes)
+        cfg = getattr(model, "pretrained_cfg", None)
+        if self.cfg.aug.no_aug and isinstance(cfg, dict) and cfg.get("crop_pct", 1.0) != 1.0:
+            model.pretrained_cfg = {**cfg, "crop_pct": 1.0}
+        return model
+
+
 # ------------------------------------------------------------------------------ measurements
 
 
@@ -483,14 +411,14 @@ def model_facts(cfg, num_classes: int) -> dict:
     size = _train_size(cfg)
     with torch.device("meta"):
         net = build_model(cfg.model, num_classes)
-    facts = {"params": sum(p.numel() for p in net.parameters()), "size": size}
-    facts["macs"] = count_macs(net, (1, 3, size, size))
-    forced = 0
-    for module in net.modules():
-        kernel = getattr(module, "kernel", None)
-        if isinstance(kernel, str) and hasattr(module, "impl") and get_kernel(kernel).has_linear:
-            module.impl, forced = "linear", forced + 1
-    facts["macs_linear"] = count_macs(net, (1, 3, size, size)) if forced else None
+    facts = {"params": sum(p.numel() for p in net.parameters()), "size": size,
+             "macs": count_macs(net, (1, 3, size, size)), "macs_linear": None}
+    forced = [m for m in net.modules() if isinstance(getattr(m, "kernel", None), str) and hasattr(m, "impl")
+              and get_kernel(m.kernel).has_linear]
+    for module in forced:
+        module.impl = "linear"
+    if forced:
+        facts["macs_linear"] = count_macs(net, (1, 3, size, size))
     return facts
 
 
@@ -498,13 +426,14 @@ def _train_size(cfg) -> int:
     """The resolution training runs at (single-resolution) or is evaluated at (multi-resolution)."""
     if cfg.train.eval_size:
         return int(cfg.train.eval_size)
+    if cfg.aug.multi_res:
+        return int(max(cfg.aug.train_sizes))
     size = cfg.model.kwargs.get("img_size")
     if size is None:
         from ..models import get_model_card
 
         size = get_model_card(cfg.model.name).pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    size = size if isinstance(size, int) else max(size)
-    return int(max(cfg.aug.train_sizes) if cfg.aug.multi_res else size)
+    return int(size if isinstance(size, int) else max(size))
 
 
 def time_train_steps(cfgs: dict[str, object], num_classes: int, device: torch.device, repeats: int = 5,
@@ -513,9 +442,7 @@ def time_train_steps(cfgs: dict[str, object], num_classes: int, device: torch.de
 
     A step is forward + loss (BCE or cross-entropy, as configured) + backward + AdamW step on one
     random batch of ``train.batch_size`` images at the training size, under the configured AMP.
-
-    Returns:
-        label → :meth:`qtvit.bench.timing.Samples.stats` (``median_ms`` ...), or ``{"error": text}``.
+    Returns label → :meth:`qtvit.bench.timing.Samples.stats` (``median_ms`` ...) or ``{"error": text}``.
     """
     import torch.nn.functional as F
 
@@ -524,7 +451,7 @@ def time_train_steps(cfgs: dict[str, object], num_classes: int, device: torch.de
     from .timing import time_interleaved
 
     fns: dict[str, Callable[[], None]] = {}
-    errors: dict[str, str] = {}
+    out: dict[str, dict] = {}
     gen = torch.Generator().manual_seed(0)
     for label, cfg in cfgs.items():
         size, batch = _train_size(cfg), cfg.train.batch_size
@@ -532,16 +459,16 @@ def time_train_steps(cfgs: dict[str, object], num_classes: int, device: torch.de
             torch.manual_seed(0)
             net = build_model(cfg.model, num_classes).to(device).train()
         except (ValueError, TypeError, RuntimeError, QtvitError) as err:
-            errors[label] = str(err).splitlines()[0]
+            out[label] = {"error": str(err).splitlines()[0]}
             continue
         opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
         x = torch.randn(batch, 3, size, size, generator=gen).to(device)
         y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
         target = F.one_hot(y, num_classes).float() if cfg.aug.bce else y
         loss_fn = F.binary_cross_entropy_with_logits if cfg.aug.bce else F.cross_entropy
-        amp = AMP_DTYPES[cfg.train.amp]
 
-        def step(net=net, opt=opt, x=x, target=target, loss_fn=loss_fn, amp=amp) -> None:
+        def step(net=net, opt=opt, x=x, target=target, loss_fn=loss_fn,
+                 amp=AMP_DTYPES[cfg.train.amp]) -> None:
             with autocast(device, amp):
                 loss = loss_fn(net(x).float(), target)
             opt.zero_grad(set_to_none=True)
@@ -552,7 +479,6 @@ def time_train_steps(cfgs: dict[str, object], num_classes: int, device: torch.de
     timed = time_interleaved(fns, device=device, warmup=2, repeats=repeats, min_repeats=min(3, repeats),
                              min_sample_seconds=0.0, variant_seconds=1e9,  # always `repeats` samples
                              on_progress=(lambda s: echo(f"  timing training steps: {s}")) if echo else None)
-    out = {label: {"error": text} for label, text in errors.items()}
     out.update({label: {"error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
                 for label, err in timed.errors.items()})
     out.update({label: samples.stats() for label, samples in timed.samples.items()})
@@ -567,53 +493,6 @@ def _throughput(run_dir: Path) -> float | None:
              if isinstance(r.get("images_per_s"), float)]
     rates = rates[1:] or rates
     return statistics.median(rates) if rates else None
-
-
-# ------------------------------------------------------------------------------ the trainer
-
-
-_DATASET_CACHE: dict[tuple, tuple] = {}
-
-
-def _trainer_class():
-    """The project's Trainer with two overrides (the trainer has no public hook for either):
-
-    * the built-in datasets are shared between the runs of one seed: ``RelationalShapes(cache=True)``
-      renders each image once per *object*, and every run of a seed (one per kernel) reads the
-      same images, so keeping the objects skips re-rendering (~0.7 ms per 64-px image);
-      Fashion-MNIST is read once instead of per run. The key holds everything the datasets
-      depend on; only the last key is kept (runs are ordered seed-major);
-    * with ``aug.no_aug`` (the CPU recipe: training images are only resized) evaluation does not
-      crop either (``crop_pct`` 1.0). Without it a model whose card says 0.875 (the plain ViTs)
-      would be evaluated zoomed in, which on the demo set changes "near"/"far", i.e. the label.
-    """
-    from ..train.trainer import Trainer
-
-    class ReproTrainer(Trainer):
-        def _build_model(self) -> None:
-            super()._build_model()
-            cfg = getattr(self.model, "pretrained_cfg", None)
-            if self.cfg.aug.no_aug and isinstance(cfg, dict) and cfg.get("crop_pct", 1.0) != 1.0:
-                self.model.pretrained_cfg = {**cfg, "crop_pct": 1.0}
-
-        def _load_datasets(self):
-            d, t = self.cfg.data, self.cfg.train
-            if d.dataset not in ("demo", "fashion_mnist"):
-                return super()._load_datasets()
-            key = (d.dataset, d.path, t.seed, d.demo_image_size, d.demo_train_size, d.demo_val_size,
-                   d.demo_cache)
-            if key not in _DATASET_CACHE:
-                _DATASET_CACHE.clear()
-                _DATASET_CACHE[key] = (*super()._load_datasets(), self.classes)
-            train, val, self.classes = _DATASET_CACHE[key]
-            return train, val
-
-    return ReproTrainer
-
-
-def clear_dataset_cache() -> None:
-    """Drop the datasets kept between runs (tests, or to free memory)."""
-    _DATASET_CACHE.clear()
 
 
 # ------------------------------------------------------------------------------ output folder
@@ -642,8 +521,7 @@ def prepare_output(rc: ReproConfig, resume: bool, overwrite: bool) -> dict | Non
             raise FileNotFoundError(f"nothing to resume: {doc_path} does not exist")
         if previous.get("study") != rc.study:
             raise QtvitError(f"{out} holds a '{previous.get('study')}' study, not '{rc.study}'")
-        old = previous.get("settings", {}).get("fingerprint", {})
-        new = rc.fingerprint()
+        old, new = previous.get("settings", {}).get("fingerprint", {}), rc.fingerprint()
         differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if differ:
             detail = "; ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in differ)
@@ -667,12 +545,6 @@ def prepare_output(rc: ReproConfig, resume: bool, overwrite: bool) -> dict | Non
     return None
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------ summaries
 
 
@@ -684,6 +556,14 @@ def summarize(runs: Sequence[dict]) -> dict:
     return {"n": len(top1), "top1_mean": statistics.fmean(top1),
             "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
             "top1_min": min(top1), "top1_max": max(top1)}
+
+
+def control_gaps(entry: dict) -> None:
+    """Set each variant's ``gap``: its mean top-1 minus the ``none`` control's (None without both)."""
+    control = next((v for v in entry["variants"] if v["kernel"] == CONTROL), None)
+    base = control["top1_mean"] if control else None
+    for v in entry["variants"]:
+        v["gap"] = None if base is None or v["top1_mean"] is None or v is control else v["top1_mean"] - base
 
 
 def _fmt_pm(mean: float | None, std: float | None) -> str:
@@ -701,58 +581,8 @@ def _fmt_macs(macs: int | None) -> str:
 
 
 def _fmt_ms(stats: dict | None) -> str:
-    if not stats or stats.get("median_ms") is None:
-        return "–"
-    ms = stats["median_ms"]
-    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}"
-
-
-def _dataset_setup(entry: dict) -> str:
-    s = entry.get("setup", {})
-    steps = s.get("steps_per_epoch")
-    budget = f"{s.get('epochs')} epoch(s) × {steps} steps" if steps else f"{s.get('epochs')} epoch(s)"
-    return (f"{s.get('model')} ({_fmt_params(s.get('params'))} params), {s.get('size')} px, {budget} of "
-            f"batch {s.get('batch_size')}, lr {s.get('lr')}, held-out {s.get('val_images')} images, "
-            f"{s.get('classes')} classes (chance {100 / s['classes']:.1f}%)" if s.get("classes") else "")
-
-
-def _fmt_params(n: int | None) -> str:
-    return "?" if n is None else (f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.0f}k")
-
-
-def format_markdown(doc: dict) -> str:
-    """The study as Markdown: a heading, the regenerating command, one table per dataset, notes."""
-    study = STUDIES[doc["study"]]
-    lines = [f"### {study['table']}: {study['title']} (measured here)", "",
-             f"Regenerate: `{doc['command']}`", "",
-             f"Environment: {doc['env'].get('cpu_model')} ({doc['env'].get('cpu_usable')} CPUs usable), "
-             f"device {doc['env'].get('device')}, torch {doc['env'].get('torch')}, "
-             f"{doc['env'].get('threads')} thread(s); wall time {_fmt_duration(doc.get('wall_seconds'))}"
-             f"{'' if doc.get('complete') else ' (incomplete)'}"
-             + "".join(f"; {'run' if i == 0 else 'resumed'} {inv['started']}, load at start "
-                       f"{bench_env.format_load(inv.get('load_start') or {})}, at end "
-                       f"{bench_env.format_load(inv.get('load_end') or {})}"
-                       for i, inv in enumerate(doc.get("invocations", []))) + ".", ""]
-    for entry in doc["datasets"]:
-        lines += [f"**{entry['label']}** — {_dataset_setup(entry)}", "",
-                  "| kernel | top-1 % (ours, mean ± std) | seeds | paper ImageNet top-1 % | MACs (as run) | "
-                  "MACs (linear path) | train step (ms) |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for v in entry["variants"]:
-            paper = "–" if v["paper_top1"] is None else f"{v['paper_top1']:.1f}"
-            lines.append(f"| {v['label']} | {_fmt_pm(v['top1_mean'], v['top1_std'])} | {v['n']} | {paper} | "
-                         f"{_fmt_macs(v.get('macs'))} | {_fmt_macs(v.get('macs_linear'))} | "
-                         f"{_fmt_ms(v.get('step'))} |")
-        lines.append("")
-    lines += ["Top-1: held-out accuracy after the same training budget per kernel, mean ± sample std over "
-              "the seeds (each seed fixes the initial weights, data order and, for the demo set, the "
-              "images). "
-              "Paper: ImageNet-1k top-1 of EfficientViT-B1-sized models, 300 epochs (a different scale: "
-              "compare orderings, not values). MACs: one image at the training size; *as run* lets "
-              "`impl=auto` pick dense weights where N² is cheaper, *linear path* forces the O(N) feature "
-              "map. Train step: median of interleaved timings of forward + loss + backward + AdamW on one "
-              "batch.", ""]
-    return "\n".join(lines)
+    ms = (stats or {}).get("median_ms")
+    return "–" if ms is None else (f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}")
 
 
 def _fmt_duration(seconds: float | None) -> str:
@@ -762,25 +592,77 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{minutes} min {sec:02d} s" if minutes else f"{sec} s"
 
 
+def _dataset_setup(entry: dict) -> str:
+    s = entry.get("setup", {})
+    if not s.get("classes"):
+        return ""
+    steps = s.get("steps_per_epoch")
+    budget = f"{s.get('epochs')} epoch(s) × {steps} steps" if steps else f"{s.get('epochs')} epoch(s)"
+    params = s.get("params") or 0
+    return (f"{s.get('model')} ({params / 1e6:.2f}M params, attention on {s.get('tokens')} tokens), "
+            f"{s.get('size')} px, {budget} of batch {s.get('batch_size')}, lr {s.get('lr')}, held-out "
+            f"{s.get('val_images')} images, {s['classes']} classes (chance {100 / s['classes']:.1f}%)")
+
+
+def _table_rows(entry: dict) -> list[list[str]]:
+    rows = []
+    for v in entry["variants"]:
+        gap = "control" if v["kernel"] == CONTROL else ("–" if v.get("gap") is None else f"{v['gap']:+.2f}")
+        rows.append([v["label"], _fmt_pm(v["top1_mean"], v["top1_std"]), str(v["n"]), gap,
+                     "–" if v["paper_top1"] is None else f"{v['paper_top1']:.1f}", _fmt_macs(v.get("macs")),
+                     _fmt_macs(v.get("macs_linear")), _fmt_ms(v.get("step"))])
+    return rows
+
+
+HEADER = ["kernel", "top-1 % (mean ± std)", "seeds", "vs none (points)", "paper ImageNet top-1 %",
+          "MACs (as run)", "MACs (linear path)", "train step (ms)"]
+
+
+def format_markdown(doc: dict) -> str:
+    """The study as Markdown: a heading, the regenerating command, one table per dataset, notes."""
+    study, env = STUDIES[doc["study"]], doc["env"]
+    loads = "".join(f"; {'run' if i == 0 else 'resumed'} {inv['started']}, load at start "
+                    f"{bench_env.format_load(inv.get('load_start') or {})}, at end "
+                    f"{bench_env.format_load(inv.get('load_end') or {})}"
+                    for i, inv in enumerate(doc.get("invocations", [])))
+    lines = [f"### {study['table']}: {study['title']} (measured here)", "",
+             f"Regenerate: `{doc['command']}` ({bench_env.describe_commit(env)})", "",
+             f"Environment: {env.get('cpu_model')} ({env.get('cpu_usable')} CPUs usable), device "
+             f"{env.get('device')}, torch {env.get('torch')}, {env.get('threads')} thread(s); wall time "
+             f"{_fmt_duration(doc.get('wall_seconds'))}{'' if doc.get('complete') else ' (incomplete)'}"
+             f"{loads}.", ""]
+    for entry in doc["datasets"]:
+        lines += [f"**{entry['label']}** — {_dataset_setup(entry)}", "", "| " + " | ".join(HEADER) + " |",
+                  "|---|" + "---:|" * (len(HEADER) - 1)]
+        lines += ["| " + " | ".join(row) + " |" for row in _table_rows(entry)]
+        lines.append("")
+    lines += ["Top-1: held-out accuracy after the same training budget per kernel, mean ± sample std over "
+              "the seeds (each seed fixes the initial weights, data order and, for the demo set, the "
+              "images). "
+              "vs none: mean top-1 minus the `none` control's (attention output zero, everything else kept). "
+              "Paper: ImageNet-1k top-1 of EfficientViT-B1-sized models, 300 epochs (a different scale: "
+              "compare orderings, not values). MACs: one image at the training size; *as run* lets "
+              "`impl=auto` pick dense weights where N² is cheaper, *linear path* forces the O(N) feature "
+              "map. Train step: median of interleaved timings of forward + loss + backward + AdamW on one "
+              "batch.", ""]
+    return "\n".join(lines)
+
+
 def format_text(doc: dict) -> list[str]:
     """A compact console table per dataset."""
     lines = []
     for entry in doc["datasets"]:
+        rows = [HEADER[:4] + ["paper", "MACs", "linear", "step ms"], *_table_rows(entry)]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
         lines.append(f"{entry['label']}: {_dataset_setup(entry)}")
-        width = max([len(v["label"]) for v in entry["variants"]] + [6])
-        lines.append(f"  {'kernel':<{width}} {'top-1 % (mean ± std)':>21} {'n':>2} {'paper':>6} {'MACs':>8} "
-                     f"{'linear':>8} {'step ms':>8}")
-        for v in entry["variants"]:
-            paper = "–" if v["paper_top1"] is None else f"{v['paper_top1']:.1f}"
-            lines.append(f"  {v['label']:<{width}} {_fmt_pm(v['top1_mean'], v['top1_std']):>21} {v['n']:>2} "
-                         f"{paper:>6} {_fmt_macs(v.get('macs')):>8} {_fmt_macs(v.get('macs_linear')):>8} "
-                         f"{_fmt_ms(v.get('step')):>8}")
+        lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                                   enumerate(zip(r, widths, strict=True))) for r in rows]
     return lines
 
 
 def plot_study(doc: dict, path: str | Path) -> Path:
-    """Bars of our top-1 (mean, error bar = std, dots = seeds) per kernel, one panel per dataset,
-    with the paper's ImageNet top-1 as diamonds on a right-hand axis."""
+    """Bars of our top-1 (mean, error bar = std, dots = seeds) per kernel, one panel per dataset; the
+    ``none`` control as a dashed line, chance as a dotted one, the paper's top-1 as diamonds."""
     from .plots import _pyplot, _save
 
     plt = _pyplot()
@@ -790,24 +672,28 @@ def plot_study(doc: dict, path: str | Path) -> Path:
                              squeeze=False)
     for ax, entry in zip(axes[0], entries, strict=True):
         variants = entry["variants"]
-        xs = list(range(len(variants)))
-        means = [v["top1_mean"] if v["top1_mean"] is not None else 0.0 for v in variants]
-        stds = [v["top1_std"] or 0.0 for v in variants]
-        colours = ["tab:red" if v["kernel"] == "qt" else "tab:blue" for v in variants]
-        ax.bar(xs, means, yerr=stds, capsize=4, color=colours, alpha=0.75, label="ours: mean ± std")
+        xs = range(len(variants))
+        colours = ["tab:red" if v["kernel"] == "qt" else "tab:gray" if v["kernel"] == CONTROL else "tab:blue"
+                   for v in variants]
+        ax.bar(xs, [v["top1_mean"] or 0.0 for v in variants], yerr=[v["top1_std"] or 0.0 for v in variants],
+               capsize=4, color=colours, alpha=0.75, label="ours: mean ± std")
         for x, v in zip(xs, variants, strict=True):
             seeds = [r["top1"] for r in v["runs"] if r.get("top1") is not None]
             ax.plot([x] * len(seeds), seeds, "k.", markersize=4)
+        control = next((v for v in variants if v["kernel"] == CONTROL and v["top1_mean"] is not None), None)
+        if control:
+            ax.axhline(control["top1_mean"], color="tab:gray", linestyle="--", linewidth=1,
+                       label="none (control)")
+        if entry.get("setup", {}).get("classes"):
+            ax.axhline(100.0 / entry["setup"]["classes"], color="k", linestyle=":", linewidth=1,
+                       label="chance")
         seen = [r["top1"] for v in variants for r in v["runs"] if r.get("top1") is not None]
-        # bars start at 0 (no false gaps); headroom above for the legend
-        ax.set_ylim(0.0, min(100.0, max(seen, default=10.0)) * 1.25 + 2.0)
-        classes = entry.get("setup", {}).get("classes")
-        if classes:
-            ax.axhline(100.0 / classes, color="gray", linestyle="--", linewidth=1, label="chance")
-        ax.set_xticks(xs, [v["label"] for v in variants], rotation=35, ha="right")
+        ax.set_ylim(0.0, min(100.0, max(seen, default=10.0)) * 1.25 + 2.0)  # from 0: no false gaps
+        ax.set_xticks(list(xs), [v["label"] for v in variants], rotation=35, ha="right")
         ax.set_ylabel("held-out top-1 % (ours)")
-        ax.set_title(f"{entry['label']}", fontsize=10)
+        ax.set_title(entry["label"], fontsize=10)
         ax.grid(axis="y", alpha=0.3)
+        handles = ax.get_legend_handles_labels()[0]
         paper = [(x, v["paper_top1"]) for x, v in zip(xs, variants, strict=True)
                  if v["paper_top1"] is not None]
         if paper:
@@ -816,13 +702,11 @@ def plot_study(doc: dict, path: str | Path) -> Path:
                       label="paper (ImageNet)")
             twin.set_ylabel("paper ImageNet top-1 %")
             values = [p[1] for p in paper]
-            span = max(values) - min(values) + 2.0
-            twin.set_ylim(min(values) - 1.0, min(values) - 1.0 + 1.3 * span)
-            handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-            ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left", ncol=3,
-                      framealpha=0.9)
-        else:
-            ax.legend(fontsize=7, loc="upper left", ncol=2, framealpha=0.9)
+            low, span = min(values) - 1.0, max(values) - min(values) + 2.0
+            twin.set_ylim(low, low + 1.3 * span)
+            handles += twin.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left", ncol=3,
+                  framealpha=0.9)
     study = STUDIES[doc["study"]]
     fig.suptitle(f"{study['table']}: {study['title']}, same model and budget per kernel")
     fig.tight_layout()
@@ -850,7 +734,7 @@ class Study:
         # Everything that can fail on a bad setting fails here, before the output folder is touched.
         self.variants = rc.variant_list()
         self.bases = {d.slug: base_config(rc, d) for d in rc.datasets}
-        self.probes = {d.slug: _probe_dataset(d, self.bases[d.slug]) for d in rc.datasets}
+        self.probes = {d.slug: _probe_dataset(self.bases[d.slug]) for d in rc.datasets}
         self.facts = {d.slug: self._model_facts(d) for d in rc.datasets}
         error, previous = None, None
         if self.main:
@@ -861,7 +745,6 @@ class Study:
         error = du.broadcast_object(error, self.info)
         if error is not None:
             raise error
-        command = command or command_line(rc)
         self.previous = previous
         self.invocation = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0,
                            "load_start": bench_env.machine_load(), "load_end": None}
@@ -871,11 +754,11 @@ class Study:
             torch.set_num_threads(threads)
         self.doc = {
             "benchmark": "reproduce", "study": rc.study, "schema_version": SCHEMA_VERSION,
-            "table": STUDIES[rc.study]["table"], "command": command,
+            "table": STUDIES[rc.study]["table"], "command": command or command_line(rc),
             "env": bench_env.collect_environment(self.info.device, torch.float32),
             "settings": {"fingerprint": rc.fingerprint(), "variants": [v.label for v in self.variants],
                          "seeds": list(rc.seeds), "datasets": [d.label for d in rc.datasets]},
-            "invocations": [*_previous_invocations(previous), self.invocation],
+            "invocations": [*(previous or {}).get("invocations", []), self.invocation],
             "wall_seconds": 0.0, "complete": False,
             "datasets": [self._dataset_entry(d, previous) for d in rc.datasets],
         }
@@ -885,31 +768,31 @@ class Study:
 
     def _dataset_entry(self, dataset: Dataset, previous: dict | None) -> dict:
         old = next((e for e in (previous or {}).get("datasets", []) if e.get("slug") == dataset.slug), {})
-        old_variants = {v["label"]: v for v in old.get("variants", [])}
+        old_steps = {v["label"]: v.get("step") for v in old.get("variants", [])}
         cfg = self.bases[dataset.slug]
         t = cfg.train
         classes, n_val = self.probes[dataset.slug]
         facts = self.facts[dataset.slug]
+        first = facts[self.variants[0].label]
         entry = {"slug": dataset.slug, "label": dataset.label, "dataset": dataset.name, "path": dataset.path,
                  "config": cfg.to_dict(),
-                 "setup": {"model": cfg.model.name, "params": facts[self.variants[0].label]["params"],
-                           "size": _train_size(cfg), "epochs": t.epochs,
+                 "setup": {"model": cfg.model.name, "params": first["params"], "size": first["size"],
+                           "tokens": first.get("tokens"), "epochs": t.epochs,
                            "steps_per_epoch": _steps_per_epoch(cfg, dataset, self.info.world_size),
                            "batch_size": t.batch_size * self.info.world_size * t.accum_steps,
-                           "lr": cfg.optim.lr, "classes": classes, "val_images": n_val}}
-        entry["variants"] = []
+                           "lr": cfg.optim.lr, "classes": classes, "val_images": n_val}, "variants": []}
         for case in self.variants:
             f = facts[case.label]
             entry["variants"].append({
                 "label": case.label, "kernel": case.kernel, "params": dict(case.params),
                 "paper_top1": paper_top1(case), "paper_reference": get_kernel(case.kernel).reference,
                 "slug": case_slug(case), "macs": f["macs"], "macs_linear": f["macs_linear"],
-                "params_count": f["params"], "step": old_variants.get(case.label, {}).get("step"),
-                "runs": [], **summarize([])})
+                "params_count": f["params"], "step": old_steps.get(case.label), "runs": [], **summarize([])})
+        control_gaps(entry)
         return entry
 
     def _model_facts(self, dataset: Dataset) -> dict[str, dict]:
-        """Parameters and MACs per kernel (a kernel the model cannot take fails here, by name)."""
+        """Parameters, MACs and attention grid per kernel (a kernel the model cannot take fails here)."""
         base, (classes, _) = self.bases[dataset.slug], self.probes[dataset.slug]
         out = {}
         for case in self.variants:
@@ -918,9 +801,9 @@ class Study:
             except (ValueError, TypeError, RuntimeError, QtvitError) as err:
                 raise QtvitError(f"kernel {case.label} does not work in model {base.model.name}: "
                                  f"{str(err).splitlines()[0]}") from None
+            out[case.label]["tokens"] = _attention_grids(base)
         return out
 
-    # -------------------------------------------------------------------------------- running
     def run(self) -> int:
         """Train every missing (dataset, kernel, seed); 0 when complete, 128+signal if interrupted."""
         rc = self.rc
@@ -937,32 +820,29 @@ class Study:
                     where = f"[{index}/{total}] {dataset.slug} · {case.label} · seed {seed}"
                     result = self._finished(run_dir)
                     if result is None:
-                        cfg = variant_config(self.bases[dataset.slug], case, seed, run_dir)
                         if v.get("step") is None:
                             self._time_steps(dataset, entry)
-                        eta = ""
-                        if done_here:
-                            left = statistics.fmean(done_here) * (total - index + 1)
-                            eta = f" (about {_fmt_duration(left)} left)"
-                        self.echo(f"{where}: training{eta}")
+                        left = statistics.fmean(done_here or [0.0]) * (total - index + 1)
+                        left = f" (about {_fmt_duration(left)} left)"
+                        self.echo(f"{where}: training{left if done_here else ''}")
                         tick = time.perf_counter()
+                        cfg = variant_config(self.bases[dataset.slug], case, seed, run_dir)
                         result, fit = self._train(cfg, run_dir)
                         if result is None:
                             self._save()
                             why = "paused (train.epochs_per_run)" if fit.status == "paused" else "interrupted"
                             self.echo(f"{why}; finished runs are kept in {self.out}. Continue with: "
                                       f"{self.doc['command']} --resume"
-                                      + ("" if self.rc.output_dir else f" --output-dir {self.out}"))
+                                      + ("" if rc.output_dir else f" --output-dir {self.out}"))
                             return 0 if fit.status == "paused" else 128 + (fit.signal or 2)
                         done_here.append(time.perf_counter() - tick)
                         self.echo(f"{where}: top-1 {result['top1']:.2f}% in {result['seconds']:.0f} s")
-                        trained = True
                     else:
                         self.echo(f"{where}: done before, top-1 {result['top1']:.2f}%")
-                        trained = False
                     v["runs"] = [r for r in v["runs"] if r["seed"] != seed] + [result]
                     v.update(summarize(v["runs"]))
-                    if trained:
+                    control_gaps(entry)
+                    if done_here and result is not None:
                         self._save()
             if any(v.get("step") is None for v in entry["variants"]):
                 self._time_steps(dataset, entry)
@@ -971,7 +851,7 @@ class Study:
         for line in format_text(self.doc):
             self.echo(line)
         self.echo(f"wrote {self.out / 'reproduce.json'}, {self.out / 'table.md'}, "
-                  f"{self.out / (self.rc.study + '.png')}")
+                  f"{self.out / (rc.study + '.png')}")
         return 0
 
     def _finished(self, run_dir: Path) -> dict | None:
@@ -982,14 +862,16 @@ class Study:
             result = json.loads((run_dir / "result.json").read_text())
         return du.broadcast_object(result, self.info)
 
-    def _train(self, cfg, run_dir: Path) -> tuple[dict | None, FitResult]:
+    def _train(self, cfg, run_dir: Path):
         """Train one (kernel, seed), resuming its checkpoint if an earlier invocation was interrupted."""
+        from ..train.trainer import Trainer
+
         self.worked = True
         resume = (run_dir / "last.pt").is_file()
         overwrite = not resume and run_dir.is_dir() and any(run_dir.iterdir())
-        trainer = _trainer_class()(cfg, run_dir, resume=resume, overwrite=overwrite)
         tick = time.perf_counter()
-        fit = trainer.fit()
+        fit = Trainer(cfg, run_dir, resume=resume, overwrite=overwrite, command="qtvit reproduce",
+                      task=ReproTask).fit()
         if fit.status != "done":
             return None, fit
         m = fit.metrics
@@ -998,7 +880,7 @@ class Study:
                   "seconds": round(time.perf_counter() - tick, 2), "resumed": resume,
                   "images_per_s": _throughput(run_dir), "run_dir": str(run_dir)}
         if self.main:
-            _write_text_atomic(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
+            write_atomic(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
             if not self.rc.keep_checkpoints:
                 for name in ("last.pt", "best.pt"):
                     (run_dir / name).unlink(missing_ok=True)
@@ -1024,18 +906,17 @@ class Study:
         """Rewrite the JSON and Markdown; the plot too when final or a minute has passed since the last."""
         if not self.main:
             return
-        prior = _previous_invocations(self.previous)
+        prior = (self.previous or {}).get("invocations", [])
         if self.worked or not prior:
             seconds = time.perf_counter() - self.start
             self.invocation.update(seconds=round(seconds, 1), load_end=bench_env.machine_load())
             self.doc["invocations"] = [*prior, self.invocation]
             self.doc["wall_seconds"] = round(self.previous_seconds + seconds, 1)
         else:  # a resume that found everything done only re-renders: it is not a run of the study
-            self.doc["invocations"] = prior
-            self.doc["wall_seconds"] = self.previous_seconds
-            self.doc["env"] = self.previous.get("env", self.doc["env"])
+            self.doc.update(invocations=prior, wall_seconds=self.previous_seconds,
+                            env=self.previous.get("env", self.doc["env"]))
         write_json(self.doc, self.out / "reproduce.json")
-        _write_text_atomic(self.out / "table.md", format_markdown(self.doc))
+        write_atomic(self.out / "table.md", format_markdown(self.doc))
         due = time.perf_counter() - self.last_plot > PLOT_INTERVAL_S
         if final or (due and any(v["n"] for e in self.doc["datasets"] for v in e["variants"])):
             try:
@@ -1049,20 +930,23 @@ class Study:
         """Free the shared datasets, restore the thread count, leave the process group."""
         from ..train import distributed as du
 
-        clear_dataset_cache()
+        ReproTask._shared.clear()
         torch.set_num_threads(self.previous_threads)
         du.cleanup()
 
 
-def _previous_invocations(previous: dict | None) -> list[dict]:
-    """The invocations recorded in a resumed study's document (documents written before the
-    ``invocations`` list kept one start/end load at the top level)."""
-    if not previous:
-        return []
-    if "invocations" in previous:
-        return list(previous["invocations"])
-    return [{"started": previous.get("started"), "seconds": previous.get("wall_seconds"),
-             "load_start": previous.get("load_start"), "load_end": previous.get("load_end")}]
+def _attention_grids(cfg) -> str | None:
+    """The token grids the attention blocks see at the training size, e.g. ``"8×8, 8×8"``."""
+    from ..train.evaluate import build_model
+
+    with torch.device("meta"):
+        net = build_model(cfg.model, 2)
+    size = _train_size(cfg)
+    grids = [f"{-(-size // info['reduction'])}×{-(-size // info['reduction'])}"
+             for info, stage in zip(getattr(net, "feature_info", []), getattr(net, "stages", []),
+                                    strict=False)
+             if any(hasattr(m, "kernel") and hasattr(m, "impl") for m in stage.modules())]
+    return ", ".join(grids) or None
 
 
 def _steps_per_epoch(cfg, dataset: Dataset, world_size: int) -> int | None:
@@ -1074,17 +958,15 @@ def _steps_per_epoch(cfg, dataset: Dataset, world_size: int) -> int | None:
     return min(steps, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else steps
 
 
-def _probe_dataset(dataset: Dataset, cfg) -> tuple[int, int]:
-    """Classes and evaluated held-out images of ``dataset``; fails before any training if it cannot
-    be read (missing Fashion-MNIST files, a malformed image folder)."""
+def _probe_dataset(cfg) -> tuple[int, int]:
+    """Classes and evaluated held-out images; fails before any training if the data cannot be read."""
     from ..data import build_datasets
 
     d = cfg.data
     _, val, classes = build_datasets(d.dataset, d.path, train_split=d.train_split, val_split=d.val_split,
                                      val_fraction=d.val_fraction, seed=cfg.train.seed, demo_train_size=16,
                                      demo_val_size=d.demo_val_size, demo_image_size=16)
-    n_val = len(val) if d.max_val_images is None else min(len(val), d.max_val_images)
-    return len(classes), n_val
+    return len(classes), len(val) if d.max_val_images is None else min(len(val), d.max_val_images)
 
 
 def run_study(rc: ReproConfig, echo: Echo = print, resume: bool = False, overwrite: bool = False,
@@ -1100,50 +982,21 @@ def run_study(rc: ReproConfig, echo: Echo = print, resume: bool = False, overwri
 
 # ------------------------------------------------------------------------------ CLI
 
-
-def _ints(flag: str, text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise QtvitError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
-    if not values:
-        raise QtvitError(f"{flag}: empty list")
-    return values
-
-
-def _add_arguments(p: argparse.ArgumentParser, study: str) -> None:
-    defaults = ",".join(STUDIES[study]["variants"])
-    p.add_argument("--kernels", metavar="K1,K2",
-                   help=f"kernels, optionally with parameters as name:param=value (default: {defaults})")
-    p.add_argument("--seeds", metavar="S1,S2", help="training seeds (default: 0,1,2)")
-    p.add_argument("--data", metavar="D1,D2",
-                   help="datasets: demo, fashion-mnist[:IDX_DIR], or an image folder "
-                        "(default: demo,fashion-mnist)")
-    p.add_argument("--model", help=f"registered model (default: a narrowed {DEFAULT_MODEL} for the built-in "
-                                   f"data, {FOLDER_MODEL} with its recipe for a folder)")
-    p.add_argument("--config", help="trainer YAML recipe to start from (default: the CPU recipe for demo and "
-                                    "fashion-mnist, the model's recipe for a folder)")
-    p.add_argument("--epochs", type=int, help="training epochs per run (default: the recipe's)")
-    p.add_argument("--steps", type=int, help="cap on optimizer steps per epoch (default: the recipe's)")
-    p.add_argument("--img-size", type=int, help="training and evaluation resolution (single-resolution)")
-    p.add_argument("--batch-size", type=int, help="images per step and process")
-    p.add_argument("--val-images", type=int, help="evaluate on the first N held-out images")
-    p.add_argument("--ape", action=argparse.BooleanOptionalAction, default=None,
-                   help="APE on the keys for every kernel (default: the model builder's)")
-    p.add_argument("--shortcut", action=argparse.BooleanOptionalAction, default=None,
-                   help="GELU(BN(v)) shortcut for every kernel (default: the model builder's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--threads", type=int,
-                   help="torch intra-op threads (default: 1 for the CPU recipe on a CPU, else torch's)")
-    p.add_argument("--output-dir", help=f"results folder (default: reproduce-{study})")
-    p.add_argument("--resume", action="store_true", help="continue the study in --output-dir")
-    p.add_argument("--overwrite", action="store_true", help="start over in an existing --output-dir")
-    p.add_argument("--quick", action="store_true", help="smoke test: 32 px, 2 steps of batch 8, 32 images")
-    p.add_argument("--no-timing", action="store_true", help="skip the training-step timing")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last.pt")
-    p.add_argument("--no-progress", action="store_true", help="no per-step progress bars")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="trainer config overrides section.key=value, applied last (e.g. optim.lr=1e-3)")
+FLAG_HELP = {
+    "kernels": "kernels, optionally with parameters as name:param=value;param=value",
+    "seeds": "training seeds (default: 0,1,2)",
+    "data": "datasets: demo, fashion-mnist[:IDX_DIR], or an image folder (default: demo,fashion-mnist)",
+    "model": f"registered model (default: the recipes' {DEFAULT_MODEL} layout for the built-in data, "
+             f"{FOLDER_MODEL} with its recipe for a folder)",
+    "config": "trainer YAML recipe for every dataset (default: configs/ablation/<dataset>.yaml for demo "
+              "and fashion-mnist, the model's recipe for a folder)",
+    "epochs": "training epochs per run (default: the recipe's)",
+    "steps": "cap on optimizer steps per epoch (default: the recipe's)",
+    "img_size": "training and evaluation resolution (single-resolution)",
+    "batch_size": "images per step and process",
+    "val_images": "evaluate on the first N held-out images",
+    "threads": "torch intra-op threads (default: 1 for the built-in recipes on a CPU, else torch's)",
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -1153,61 +1006,73 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     studies = p.add_subparsers(dest="study", metavar="STUDY")
     for name, spec in STUDIES.items():
         sp = studies.add_parser(name, help=f"{spec['table']}: {spec['title']}",
-                                description=f"{spec['table']} of the paper ({spec['title']}): train the same "
-                                            "model and data with each kernel, several seeds; write JSON, "
-                                            "Markdown and PNG.")
-        _add_arguments(sp, name)
+                                description=f"{spec['table']} of the paper ({spec['title']}) and the 'none' "
+                                            "control: train the same model and data with each kernel, "
+                                            "several seeds; write JSON, Markdown and PNG.")
+        for flag, text in FLAG_HELP.items():
+            kind = int if flag in ReproConfig.FLAGS[2:] else str
+            extra = f" (default: {','.join(spec['variants'])})" if flag == "kernels" else ""
+            sp.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=text + extra)
+        for flag, text in (("ape", "APE on the keys"), ("shortcut", "GELU(BN(v)) shortcut")):
+            sp.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
+                            help=f"{text} for every kernel (default: the model builder's)")
+        sp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+        sp.add_argument("--output-dir", help=f"results folder (default: reproduce-{name})")
+        for flag, text in (("resume", "continue the study in --output-dir"),
+                           ("overwrite", "start over in an existing --output-dir"),
+                           ("quick", "smoke test: 32 px, 2 steps of batch 8, 32 images"),
+                           ("no-timing", "skip the training-step timing"),
+                           ("keep-checkpoints", "keep each run's last.pt"),
+                           ("no-progress", "no progress bars")):
+            sp.add_argument(f"--{flag}", action="store_true", help=text)
+        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="trainer config overrides section.key=value, applied last (e.g. optim.lr=1e-3)")
         sp.set_defaults(func=run)
-    p.set_defaults(func=lambda args: _missing_study(p))
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _missing_study(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
+def _items(flag: str, text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise QtvitError(f"{flag}: empty list")
+    return items
 
 
 def config_from_args(args: argparse.Namespace) -> ReproConfig:
     """Resolve the flags into a validated :class:`ReproConfig`."""
-    base = QUICK if args.quick else ReproConfig()
     over: dict[str, object] = {"study": args.study}
     if args.kernels is not None:
-        items = [s.strip() for s in args.kernels.split(",") if s.strip()]
-        if not items:
-            raise QtvitError("--kernels: empty list")
         try:
-            over["variants"] = tuple(parse_case(s) for s in items)
+            over["variants"] = tuple(parse_case(s) for s in _items("--kernels", args.kernels))
         except (ValueError, TypeError) as err:
             raise QtvitError(f"--kernels: {err}") from None
     if args.seeds is not None:
-        over["seeds"] = _ints("--seeds", args.seeds)
+        try:
+            over["seeds"] = tuple(int(s) for s in _items("--seeds", args.seeds))
+        except ValueError:
+            raise QtvitError(f"--seeds: {args.seeds!r} is not a comma-separated list of integers") from None
     if args.data is not None:
-        items = [s for s in args.data.split(",") if s.strip()]
-        if not items:
-            raise QtvitError("--data: empty list")
-        over["datasets"] = tuple(parse_dataset(s) for s in items)
-    for flag in ("model", "config", "epochs", "steps", "img_size", "batch_size", "val_images", "ape",
-                 "shortcut", "output_dir", "threads"):
-        if getattr(args, flag) is not None:
-            over[flag] = getattr(args, flag)
+        over["datasets"] = tuple(parse_dataset(s) for s in _items("--data", args.data))
+    over.update({flag: getattr(args, flag) for flag in (*ReproConfig.FLAGS, "ape", "shortcut", "output_dir")
+                 if getattr(args, flag) is not None})
     if args.model is not None:
         from ..models import resolve_model_name
 
         resolve_model_name(args.model)  # raises, listing the valid models
     over.update(overrides=tuple(args.overrides), device=args.device, timing=not args.no_timing,
                 keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress)
-    rc = replace(base, **over)
+    rc = replace(QUICK if args.quick else ReproConfig(), **over)
     rc.validate()
     return rc
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``qtvit reproduce kernels|reductions``."""
-    rc = config_from_args(args)
-    code, _ = run_study(rc, echo=print, resume=args.resume, overwrite=args.overwrite)
+    code, _ = run_study(config_from_args(args), echo=print, resume=args.resume, overwrite=args.overwrite)
     return code
 
 
-__all__ = ["DATASET_RECIPES", "Dataset", "QUICK", "ReproConfig", "SMALL_RECIPE", "STUDIES", "Study",
-           "base_config", "case_slug", "clear_dataset_cache", "config_from_args", "format_markdown",
+__all__ = ["CONTROL", "Dataset", "QUICK", "RECIPES", "ReproConfig", "ReproTask", "STUDIES", "Study",
+           "base_config", "case_slug", "command_line", "config_from_args", "control_gaps", "format_markdown",
            "format_text", "model_facts", "paper_top1", "parse_dataset", "plot_study", "prepare_output",
            "register", "run", "run_study", "summarize", "time_train_steps", "variant_config"]
