@@ -67,9 +67,9 @@ def test_macs_are_counted_per_variant_and_size():
     qt, softmax = model_variants("qtvit_b0", ("qt", "softmax"))
     # the attention matmuls are counted: at 128 px (64 and 16 tokens) softmax's N² products cost more
     assert 0 < count_macs_g(qt.build, (128, 128)) < count_macs_g(softmax.build, (128, 128)) < 0.1
-    # linear attention: MACs ∝ pixels up to the head's fixed cost
-    small, large = count_macs_g(qt.build, (128, 128)), count_macs_g(qt.build, (256, 256))
-    assert large == pytest.approx(4 * small, rel=0.05)
+    # linear attention: MACs ∝ pixels, up to the classifier head's fixed cost
+    small, large = count_macs_g(qt.build, (256, 256)), count_macs_g(qt.build, (512, 512))
+    assert large == pytest.approx(4 * small, rel=0.03)
 
 
 def test_configs_predicted_too_slow_are_skipped_with_the_prediction():

@@ -11,13 +11,11 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..io import atomic_output
+
 # One colour and marker per model-benchmark variant, kept fixed across plots.
-VARIANT_STYLE = {
-    "qt": ("tab:red", "o"),
-    "relu": ("tab:blue", "s"),
-    "softmax": ("tab:green", "^"),
-    "timm": ("tab:purple", "D"),
-}
+VARIANT_STYLE = {"qt": ("tab:red", "o"), "relu": ("tab:blue", "s"), "softmax": ("tab:green", "^"),
+                 "timm": ("tab:purple", "D")}
 
 
 def _pyplot():
@@ -33,10 +31,13 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    """Write ``fig`` as PNG atomically, close it, return the path."""
+    import matplotlib.pyplot as plt
+
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_resolution_sweep(doc: dict, path: str | Path) -> Path:
@@ -81,9 +82,7 @@ def plot_resolution_sweep(doc: dict, path: str | Path) -> Path:
     fig.text(0.01, 0.005, "hollow/dotted: predicted (skipped, see JSON for the reason); "
              "labels on softmax points: softmax ÷ qt", fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _sweep_series(rows: list[dict], metric: str) -> dict[str, list[tuple[float, float, bool, str]]]:
@@ -164,9 +163,7 @@ def plot_model_bars(doc: dict, path: str | Path) -> Path:
     ax.set_ylabel("batch-1 latency (ms, median)")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_pareto(rows: Sequence[dict], path: str | Path, batch: int, title: str = "") -> Path:
@@ -209,9 +206,7 @@ def plot_pareto(rows: Sequence[dict], path: str | Path, batch: int, title: str =
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     ax.set_title(title or f"accuracy vs latency, batch {batch}")
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_approximation(doc: dict, path: str | Path) -> Path:
@@ -264,9 +259,7 @@ def plot_approximation(doc: dict, path: str | Path) -> Path:
             ax.set_title(f"trained softmax {trained.get('model', 'ViT')} q/k (mean over blocks"
                          + (f", score std ≈ {std:.2g})" if std is not None and math.isfinite(std) else ")"))
     fig.tight_layout()
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 __all__ = ["VARIANT_STYLE", "plot_approximation", "plot_model_bars", "plot_pareto", "plot_resolution_sweep"]
