@@ -5,6 +5,8 @@ kernel's pairwise formula, differentiated by autograd, run in float64 on the sam
 relative RMSE. Shapes are kept small: the interpreter executes each block operation in Python.
 """
 
+import logging
+
 import pytest
 import torch
 
@@ -191,6 +193,107 @@ def test_opcheck():
     torch.library.opcheck(feature_attention_op, (q, k, v, torch.tensor(0.8, requires_grad=True), "qt", 1e-15))
 
 
+def test_traces_as_one_op():
+    """torch.compile (fullgraph) and torch.export see the custom op, not Triton: same numbers."""
+    q, k, v = qkv(1, 1, 20, 8)
+    const = torch.tensor(0.6, requires_grad=True)
+
+    def fn(q, k, v, c):
+        return qtvit.attention(q, k, v, "qt", impl="triton", const=c)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v, const)
+    ref = fn(q, k, v, const)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn(out.shape)
+    inputs = (q, k, v, const)
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return qtvit.attention(q, k, v, "relu", impl="triton")
+
+    exported = torch.export.export(Attend(), (q.detach(), k.detach(), v.detach()))
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert "qtvit.feature_attention.default" in targets
+
+
+def test_failed_self_check_falls_back_with_one_warning(monkeypatch, caplog):
+    """A forced self-check failure: impl="auto" takes the PyTorch path, same numbers, one warning.
+
+    Auto only picks the kernels for CUDA tensors; the test lets it consider CPU ones (interpreted).
+    """
+    from qtvit.kernels.triton import ops
+
+    monkeypatch.setattr(fused, "AUTO_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused, "_VERDICTS", {})
+    real_forward = ops._forward
+
+    def wrong_forward(*args):  # a miscompiled kernel: outputs off by 1 %
+        out, stats = real_forward(*args)
+        return out * 1.01, stats
+
+    monkeypatch.setattr(ops, "_forward", wrong_forward)
+    q, k, v = qkv(1, 2, 50, 16)
+    with caplog.at_level(logging.WARNING, logger="qtvit.kernels.triton"):
+        first = qtvit.attention(q, k, v, "qt", impl="auto")
+        second = qtvit.attention(q, k, v, "relu", impl="auto")
+    warnings = [r for r in caplog.records if "self-check" in r.getMessage()]
+    assert len(warnings) == 1 and "out differs" in warnings[0].getMessage()
+    torch.testing.assert_close(first, qtvit.attention(q, k, v, "qt", impl="linear"), rtol=0, atol=0)
+    torch.testing.assert_close(second, qtvit.attention(q, k, v, "relu", impl="linear"), rtol=0, atol=0)
+    assert fused._VERDICTS == {("cpu", torch.float32): False}
+
+
+def test_self_check_passes_and_auto_uses_the_kernels(monkeypatch):
+    """Passed self-check: impl="auto" runs the fused op, eagerly and inside a compiled graph."""
+    from qtvit.kernels.triton import ops
+
+    monkeypatch.setattr(fused, "AUTO_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused, "_VERDICTS", {})
+    calls = []
+    real_forward = ops._forward
+    monkeypatch.setattr(ops, "_forward", lambda *a: calls.append(a[4]) or real_forward(*a))
+    q, k, v = qkv(1, 1, 20, 8)
+    out = qtvit.attention(q, k, v, "qt", impl="auto")
+    assert fused._VERDICTS == {("cpu", torch.float32): True}
+    assert calls == [*fused.KERNELS, "qt"]  # the self-check ran each kernel once, then the call
+    torch.testing.assert_close(out, qtvit.attention(q, k, v, "qt", impl="dense"), rtol=1e-5, atol=1e-6)
+    compiled = torch.compile(lambda q, k, v: qtvit.attention(q, k, v, "relu", impl="auto"),
+                             backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), qtvit.attention(q, k, v, "relu", impl="dense"),
+                               rtol=1e-5, atol=1e-6)
+    assert calls[-1] == "relu" and len(calls) == 4  # no second self-check
+
+
+def test_lite_mla_runs_the_fused_kernels():
+    """LiteMLA with impl="triton" (q/k/v are strided views of the qkv tensor, k + APE, the
+    GELU(BN(v)) shortcut): output and every gradient match the float64 PyTorch linear path.
+
+    Eval mode: train-mode BatchNorm's backward is so ill-conditioned here that every float32
+    path (linear, dense, triton) is ~1e-3 off float64, which would test nothing about the kernels.
+    """
+    import copy
+
+    from qtvit.layers.lite_mla import LiteMLA
+
+    layer = LiteMLA(16, 16, head_dim=8, kernel="qt", ape=True, ape_size=(5, 5), shortcut=True, impl="triton")
+    reference = copy.deepcopy(layer).double()
+    reference.impl = "linear"
+    x = torch.randn(1, 16, 5, 5)
+    results = []
+    for module, inputs in ((layer.eval(), x), (reference.eval(), x.double())):
+        inputs = inputs.clone().requires_grad_()
+        out = module(inputs)
+        out.square().sum().backward()
+        grads = [(name, p.grad) for name, p in module.named_parameters()]
+        results.append([("out", out), ("x", inputs.grad), *grads])
+    for (name, a), (_, b) in zip(*results, strict=True):
+        limit = CONST_TOLERANCE[torch.float32] if name.endswith("const") else TOLERANCE[torch.float32]
+        assert rel_rmse(a, b) <= limit, f"{name}: relative RMSE {rel_rmse(a, b):.2e}"
+
+
 def test_unsupported_inputs_give_one_line_errors(monkeypatch):
     q, k, v = qkv(1, 1, 5, 8)
     with pytest.raises(ValueError, match="no fused Triton kernel"):
@@ -202,7 +305,7 @@ def test_unsupported_inputs_give_one_line_errors(monkeypatch):
         fused.fused_attention(big, big, big, "qt")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        fused.fused_attention(q, k, v, "qt")
+        qtvit.attention(q, k, v, "qt", impl="triton")
 
 
 IO_POINTERS = ("q_ptr", "k_ptr", "v_ptr", "g_ptr", "out_ptr", "dq_ptr", "dk_ptr", "dv_ptr")

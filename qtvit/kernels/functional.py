@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from . import triton as fused_triton
 from .definitions import EPS
 from .linear import concrete, linear_attention_core, needs_grad, over_chunks, tokens_per_chunk
 from .registry import Kernel, get_kernel
@@ -177,9 +178,25 @@ def _run_generic(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, ep
     return _linear_generic(kern, *_upcast(q, k, v, params), eps)
 
 
+# ----- fused Triton kernels (qtvit/kernels/triton/): qt and relu as one custom op, inputs read in
+# their own dtype and strides (no upcast copies; the kernels convert to float32 on load).
+
+
+def _run_triton(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps: float) -> Tensor:
+    return fused_triton.fused_attention(q, k, v, kern.name, eps=eps, **params)
+
+
+def _auto_picks_triton(kern: Kernel, q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """``impl="auto"`` on CUDA: the fused kernels where they support the inputs and their one-time
+    self-check (per device and dtype, cached; a failure logs one warning) passed."""
+    return concrete(q.shape[-2], k.shape[-2]) and fused_triton.use_fused(q, k, v, kern.name)
+# ----- end of the fused Triton kernels
+
+
 RUNNERS: dict[str, Runner] = {
     "linear": _run_linear,  # O(N) feature maps (the kernel's specialised form where it has one)
     "dense": _run_dense,  # N×M weights from the pairwise formula: the reference
+    "triton": _run_triton,  # fused Triton kernels, qt and relu (CUDA; CPU under TRITON_INTERPRET=1)
 }
 IMPLS = ("auto", *RUNNERS)
 
@@ -222,7 +239,8 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel, impl
     _check_inputs(q, k, v)
     params = kern.resolve_params(dict(params))
     if impl == "auto":
-        impl = choose_impl(kern, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], **params)
+        impl = "triton" if _auto_picks_triton(kern, q, k, v) else \
+            choose_impl(kern, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], **params)
     return _run(RUNNERS[impl], kern, q, k, v, params, eps)
 
 
@@ -236,8 +254,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str | Kernel = "qt", impl
         v: values (B, H, M, e); e may differ from d.
         kernel: a name from :func:`qtvit.list_kernels` (default ``"qt"``).
         impl: ``"linear"`` (O(N) feature-map path), ``"dense"`` (N×M weights from the pairwise
-            formula; the reference) or ``"auto"`` (linear unless dense is cheaper, e.g. tiny N;
-            always linear when the token counts are symbolic, as under ``torch.export``).
+            formula; the reference), ``"triton"`` (fused Triton kernels for ``qt`` and ``relu``:
+            CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``) or ``"auto"`` (on CUDA the
+            Triton kernels where they apply and pass a one-time self-check; otherwise linear
+            unless dense is cheaper, e.g. tiny N; always linear when the token counts are
+            symbolic, as under ``torch.export``).
         eps: added to the normaliser of normalised kernels (default 1e-15, the released
             QT-ViT/EfficientViT value; timm's EfficientViT port uses 1e-5). Always added in fp32.
         **params: the kernel's parameters (``const`` for ``qt``; ``alpha, beta, gamma`` for
