@@ -303,9 +303,11 @@ def test_unsupported_inputs_give_one_line_errors(monkeypatch):
     big = torch.randn(1, 1, 5, 128)
     with pytest.raises(ValueError, match="head dims up to 64"):
         fused.fused_attention(big, big, big, "qt")
+    assert fused.unavailable_reason("cpu") is None  # interpreter on
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         qtvit.attention(q, k, v, "qt", impl="triton")
+    assert "TRITON_INTERPRET=1" in fused.unavailable_reason("cpu")
 
 
 IO_POINTERS = ("q_ptr", "k_ptr", "v_ptr", "g_ptr", "out_ptr", "dq_ptr", "dk_ptr", "dv_ptr")

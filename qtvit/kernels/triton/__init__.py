@@ -80,6 +80,17 @@ def _unsupported(kernel: str, dtype: torch.dtype, device_type: str, d: int, e: i
     return None
 
 
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why ``impl="triton"`` cannot run on ``device`` now, or None (for benchmarks and CLIs)."""
+    device = torch.device(device)
+    if not triton_installed():
+        return "Triton is not installed"
+    if device.type == "cuda" or interpreter_on():
+        return None
+    return (f"the Triton kernels need CUDA (device {device}); TRITON_INTERPRET=1 runs them on CPU "
+            "through Triton's interpreter, for checking only (its timings mean nothing)")
+
+
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "qt", *, const: float | Tensor = 1.0,
                     eps: float = EPS) -> Tensor:
     """Fused normalised feature-map attention: out_i = Σ_j w_ij v_j / (Σ_j w_ij + ε).
@@ -189,5 +200,5 @@ def _verified_constant(device: str, dtype: torch.dtype) -> bool:
     return verified(torch.device(device), dtype)
 
 
-__all__ = ["KERNELS", "fused_attention", "interpreter_on", "self_check", "unsupported_reason", "use_fused",
-           "verified"]
+__all__ = ["KERNELS", "fused_attention", "interpreter_on", "self_check", "unavailable_reason",
+           "unsupported_reason", "use_fused", "verified"]
