@@ -49,8 +49,10 @@ QueryFeatures = Callable[[Tensor], "tuple[Tensor, Tensor | None]"]
 
 
 def tokens_per_chunk(rows: int, width: int, itemsize: int, budget: int | None = None,
-                     minimum: int = MIN_CHUNK_TOKENS) -> int:
-    """Tokens per chunk so that a (rows, tokens, width) tensor stays under ``budget`` (CHUNK_BYTES)."""
+                     minimum: int | None = None) -> int:
+    """Tokens per chunk so that a (rows, tokens, width) tensor stays under ``budget`` (CHUNK_BYTES),
+    and at least ``minimum`` (MIN_CHUNK_TOKENS; both read at call time, so tests can shrink them)."""
+    minimum = MIN_CHUNK_TOKENS if minimum is None else minimum
     return max(minimum, (budget or CHUNK_BYTES) // max(1, rows * width * itemsize))
 
 
