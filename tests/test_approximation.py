@@ -78,8 +78,10 @@ def test_rows_without_relu_weight_are_counted_as_degenerate():
 
 def test_default_cases_cover_every_kernel_and_table3_settings():
     labels = [c.label for c in default_cases()]
-    assert {c.kernel for c in default_cases()} == set(list_kernels())
-    for label in ("taylor2_pool(pool=2)", "taylor2_pool(pool=4)", "taylor2_chunk(chunks=8)", "qt", "softmax"):
+    assert {c.kernel for c in default_cases()} == set(list_kernels()) - {"none"}  # the control has no rows
+    for label in ("taylor2_pool(pool=2)", "taylor2_pool(pool=4)", "taylor2_chunk(chunks=8)", "qt", "softmax",
+                  "taylor2_pool(pool=4, scaling=preserve)", "taylor2_chunk(chunks=2, scaling=preserve)",
+                  "taylor2_random(scaling=preserve)", "taylor2_random"):
         assert label in labels
     assert len(labels) == len(set(labels))
 
@@ -102,7 +104,7 @@ def test_cli_bad_kernel_is_one_line(capsys):
 
 
 TINY = replace(QUICK, cases=tuple(KernelCase(n) for n in ("softmax", "taylor2", "relu", "cosine")),
-               scales=(0.1,), tokens=32, head_dim=16, train_steps=3, train_batch=8, train_images=16,
+               scales=(0.1,), tokens=32, head_dim=16, train_steps=4, train_batch=8, train_images=16,
                eval_images=4, image_size=16, progress=False)
 
 
@@ -110,7 +112,7 @@ def test_trained_model_study_hooks_every_block_and_round_trips_a_checkpoint(tmp_
     ckpt = tmp_path / "softmax_vit.pt"
     doc = run_approximation_study(TINY, save_checkpoint=ckpt)
     trained = doc["trained"]
-    assert trained["source"] == "trained here" and trained["steps"] == 3 and ckpt.exists()
+    assert trained["source"] == "trained here" and trained["steps"] == 4 and ckpt.exists()
     assert len(trained["blocks"]) == 4  # qtvit_vit_micro has depth 4
     summary = {r["case"]: r for r in trained["summary"]}
     assert summary["softmax"]["tv"] < 1e-12 and summary["softmax"]["out_rel_err"] < 1e-10
@@ -213,3 +215,10 @@ def test_preserving_scaling_keeps_taylor2s_quadratic_term_and_mean_shrinks_it(ca
 def test_unknown_scaling_is_named():
     with pytest.raises(ValueError, match="unknown scaling 'sum'; valid: mean, preserve"):
         attention_distances(*_qkv(1.0), KernelCase("taylor2_pool", {"scaling": "sum"}))
+
+
+def test_distance_to_taylor2s_rows_is_reported():
+    q, k, v = _qkv(1.0)
+    assert attention_distances(q, k, v, KernelCase("taylor2"))["tv_taylor2"] < 1e-12
+    pooled = attention_distances(q, k, v, KernelCase("taylor2_pool", {"pool": 4}))
+    assert 0 < pooled["tv_taylor2"] < 1 and pooled["negative_fraction"] > 0

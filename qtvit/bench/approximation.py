@@ -53,10 +53,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import QtvitError
+from ..io import write_json
 from ..kernels import attention, get_kernel, list_kernels
 from ..models import create_model
+from ..train.task import Task
 from . import env as bench_env
-from .attention import write_json
 
 SCHEMA_VERSION = 1
 KL_FLOOR = 1e-12  # floor on a_ij inside KL(p‖a): an exact zero gives a large finite value
@@ -81,15 +82,19 @@ class KernelCase:
         return self.kernel + "(" + ", ".join(f"{n}={v}" for n, v in fixed.items()) + ")"
 
 
+REDUCTION_SETTINGS = {"taylor2_pool": ({"pool": 2}, {"pool": 4}),
+                      "taylor2_chunk": ({"chunks": 2}, {"chunks": 4}, {"chunks": 8}), "taylor2_random": ({},)}
+
+
 def default_cases() -> list[KernelCase]:
-    """Every registered kernel at its defaults, plus the Table-3 settings (pool 4, chunks 4 and 8)."""
-    cases = [KernelCase(name) for name in list_kernels()]
-    extra = [KernelCase("taylor2_pool", {"pool": 4}), KernelCase("taylor2_chunk", {"chunks": 4}),
-             KernelCase("taylor2_chunk", {"chunks": 8})]
+    """Every registered kernel but the ``none`` control at its defaults; the taylor2 reductions at each
+    Table-3 setting (pool 2, 4; chunks 2, 4, 8) in both scalings (``mean`` and ``preserve``)."""
     out = []
-    for case in cases:
-        out.append(case)
-        out += [e for e in extra if e.kernel == case.kernel]
+    for name in list_kernels():
+        if name == "none":  # zero rows: nothing to compare
+            continue
+        out += [KernelCase(name, {**p, "scaling": sc}) for p in REDUCTION_SETTINGS.get(name, ())
+                for sc in ("mean", "preserve")] or [KernelCase(name)]
     return out
 
 
@@ -145,6 +150,8 @@ def attention_distances(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case:
         a = w * (kern.output_scale(M) if kern.output_scale is not None else 1.0)
         kind = "unnormalised"
     tv = 0.5 * (p - a).abs().sum(-1)  # (B, H, N)
+    t2 = get_kernel("taylor2").pairwise(q, k)  # taylor2's rows: positive, so distributions
+    tv_taylor2 = 0.5 * (t2 / t2.sum(-1, keepdim=True) - a).abs().sum(-1)
     kl, note = None, None
     if kind == "distribution":
         kl_rows = (p * (torch.log(p.clamp_min(1e-300)) - torch.log(a.clamp_min(KL_FLOOR)))).sum(-1)
@@ -157,7 +164,7 @@ def attention_distances(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case:
     norm = torch.linalg.vector_norm
     err = float(norm(out - reference) / norm(reference).clamp_min(1e-300))
     return {"kind": kind, "kl": kl, "kl_note": note, "tv": float(tv.mean()), "tv_max": float(tv.max()),
-            "out_rel_err": err, "negative_fraction": negative,
+            "out_rel_err": err, "negative_fraction": negative, "tv_taylor2": float(tv_taylor2.mean()),
             "degenerate_fraction": float(degenerate.double().mean())}
 
 
@@ -224,42 +231,95 @@ def pair_images(n: int, image_size: int, patch_size: int, seed: int) -> tuple[to
     return x, same
 
 
+class PairTask(Task):
+    """The pair task (:func:`pair_images`) for the project's Trainer: tensors in memory, cross-entropy,
+    validation accuracy. ``approx`` is the study's :class:`ApproximationConfig`."""
+
+    name = "approximation-pairs"
+    metric = "top1"
+
+    def __init__(self, cfg, info, approx: ApproximationConfig) -> None:
+        super().__init__(cfg, info)
+        self.approx = approx
+
+    def load_data(self, seed: int) -> list[str]:
+        a = self.approx
+        self.train = pair_images(a.train_images, a.image_size, a.patch_size, seed)
+        self.val = pair_images(a.eval_images, a.image_size, a.patch_size, seed + 1)
+        return ["differ", "match"]
+
+    def build_model(self, num_classes: int) -> nn.Module:
+        a = self.approx
+        return create_model(a.model, kernel="softmax", num_classes=num_classes, img_size=a.image_size,
+                            patch_size=a.patch_size)
+
+    def train_dataset(self, model: nn.Module):
+        x, y = self.train
+        return _KeyedPairs(x, y)
+
+    def val_dataset(self, model: nn.Module):
+        return torch.utils.data.TensorDataset(*self.val)
+
+    def train_sizes(self) -> list[int]:
+        return [self.approx.image_size]
+
+    def training_loss(self, net: nn.Module, batch, step) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(net(x), y)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, amp_dtype) -> dict:
+        hits = total = 0
+        for x, y in loader:
+            hits += int((model(x.to(self.device)).argmax(-1).cpu() == y).sum())
+            total += len(y)
+        return {"top1": 100.0 * hits / max(1, total), "images": total}
+
+
+class _KeyedPairs(torch.utils.data.Dataset):
+    """Tensors indexed by the Trainer's sampler keys (index, size, seed); no augmentation."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        return self.x[index], self.y[index]
+
+
 def train_softmax_vit(config: ApproximationConfig, log: Echo | None = None) -> tuple[nn.Module, dict]:
     """Train ``config.model`` with softmax attention on :func:`pair_images` for ``train_steps`` AdamW steps
-    (warm-up over the first 10%, then cosine decay)."""
-    torch.manual_seed(config.seed)
-    x, y = pair_images(config.train_images, config.image_size, config.patch_size, config.seed)
-    xv, yv = pair_images(config.eval_images, config.image_size, config.patch_size, config.seed + 1)
-    classes = PAIR_CLASSES
-    model = create_model(config.model, kernel="softmax", num_classes=classes, img_size=config.image_size,
-                         patch_size=config.patch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.05)
-    warm = max(1, config.train_steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / max(1, config.train_steps)))))
-    g = torch.Generator().manual_seed(config.seed)
-    model.train()
-    losses = []
+    with the project's Trainer (warm-up over the first 10%, then cosine decay; run folder in a
+    temporary directory)."""
+    import tempfile
+
+    from ..train.config import load_config
+    from ..train.trainer import Trainer
+
+    per_epoch = max(1, config.train_images // config.train_batch)  # the sampler's full batches
+    epochs = max(1, math.ceil(config.train_steps / per_epoch))
+    steps = max(1, math.ceil(config.train_steps / epochs))  # per epoch
+    cfg = load_config(None, [
+        f"model.name={config.model}", "model.kernel=softmax", f"train.seed={config.seed}",
+        f"train.epochs={epochs}", f"train.eval_interval={epochs}", f"train.batch_size={config.train_batch}",
+        f"train.max_steps_per_epoch={steps}",
+        "train.ema=false", "train.bn_reestimate=false", "train.device=cpu", f"optim.lr={config.lr}",
+        "optim.weight_decay=0.05", "optim.warmup_epochs=0.1", "optim.clip_grad=0", "data.num_workers=0",
+        "run.save_best=false", f"run.progress={str(config.progress and sys.stderr.isatty()).lower()}",
+        f"run.log_interval={max(1, epochs * steps // 5)}"])
     start = time.perf_counter()
-    for step in range(config.train_steps):
-        idx = torch.randint(0, len(x), (config.train_batch,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if log and (step + 1) % max(1, config.train_steps // 5) == 0:
-            log(f"step {step + 1}/{config.train_steps}: loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    model.eval()
-    with torch.no_grad():
-        val_acc = float((model(xv).argmax(-1) == yv).float().mean())
-    tail = losses[-20:]
-    return model, {"steps": config.train_steps, "batch": config.train_batch, "lr": config.lr,
+    with tempfile.TemporaryDirectory(prefix="qtvit-approximation-") as run_dir:
+        trainer = Trainer(cfg, run_dir, command="qtvit bench approximation",
+                          task=lambda c, info: PairTask(c, info, config))
+        fit = trainer.fit()
+        model = trainer.model.eval()
+    return model, {"steps": fit.global_step, "batch": config.train_batch, "lr": config.lr,
                    "train_images": config.train_images, "image_size": config.image_size,
-                   "patch_size": config.patch_size, "final_loss": sum(tail) / len(tail) if tail else None,
-                   "val_accuracy": val_acc, "chance": 1 / classes,
-                   "seconds": round(time.perf_counter() - start, 1)}
+                   "patch_size": config.patch_size, "val_accuracy": fit.metrics.get("top1", 0.0) / 100.0,
+                   "chance": 1 / PAIR_CLASSES, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def load_softmax_vit(config: ApproximationConfig, path: str | Path) -> tuple[nn.Module, dict]:
@@ -331,7 +391,7 @@ def trained_study(cases: Sequence[KernelCase], model: nn.Module, images: torch.T
         if any("error" in e for e in per_block):
             entry["error"] = next(e["error"] for e in per_block if "error" in e)
         else:
-            for key in ("tv", "out_rel_err", "negative_fraction", "degenerate_fraction"):
+            for key in ("tv", "tv_taylor2", "out_rel_err", "negative_fraction", "degenerate_fraction"):
                 entry[key] = sum(e[key] for e in per_block) / len(per_block)
             entry["tv_max"] = max(e["tv_max"] for e in per_block)
             kls = [e["kl"] for e in per_block]
@@ -456,7 +516,9 @@ def format_tables(doc: dict) -> list[str]:
     scales = list(dict.fromkeys(r["scale"] for r in rows))
     cases = list(dict.fromkeys(r["case"] for r in rows))
     width = max(len(c) for c in cases) if cases else 10
-    for metric, title in (("tv", "total variation ½Σ|p−a| (L1/2 for signed/unnormalised rows)"),
+    for metric, title in (("tv", "total variation ½Σ|p−a| from softmax (L1/2 for signed/unnormalised rows)"),
+                          ("tv_taylor2", "the same distance from taylor2's rows"),
+                          ("negative_fraction", "fraction of negative weights"),
                           ("out_rel_err", "relative output error ‖out−PV‖/‖PV‖")):
         lines.append(f"random q/k, {title}; columns: std of the scores q·k/√d")
         lines.append(f"  {'kernel':<{width}} " + " ".join(f"{s:>9g}" for s in scales))
@@ -477,14 +539,14 @@ def format_tables(doc: dict) -> list[str]:
             where = f"from {trained.get('checkpoint')}"
         lines.append(f"trained softmax {trained['model']} ({where}); mean over {len(trained['blocks'])} "
                      f"blocks, score std ≈ {trained['score_std_mean']:.3g}")
-        lines.append(f"  {'kernel':<{width}} {'KL':>9} {'TV':>9} {'TV max':>9} {'out err':>9} {'neg w':>7} "
-                     f"{'degen':>7}")
+        lines.append(f"  {'kernel':<{width}} {'KL':>9} {'TV':>9} {'TV max':>9} {'TV t2':>9} {'out err':>9} "
+                     f"{'neg w':>7} {'degen':>7}")
         for r in trained["summary"]:
             if "error" in r:
                 lines.append(f"  {r['case']:<{width}} error: {r['error']}")
                 continue
             lines.append(f"  {r['case']:<{width}} {_fmt(r['kl']):>9} {_fmt(r['tv']):>9} "
-                         f"{_fmt(r['tv_max']):>9} {_fmt(r['out_rel_err']):>9} "
+                         f"{_fmt(r['tv_max']):>9} {_fmt(r['tv_taylor2']):>9} {_fmt(r['out_rel_err']):>9} "
                          f"{r['negative_fraction']:7.1%} {r['degenerate_fraction']:7.1%}")
         lines.append("  KL is '-' where rows are not distributions (unnormalised kernels, negative weights).")
     return lines
