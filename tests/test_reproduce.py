@@ -100,7 +100,8 @@ def test_quick_study_writes_json_markdown_and_png(study):
     assert "qtvit reproduce kernels --kernels relu,qt" in table and "--quick" in table
     for entry in doc["datasets"]:
         for v in entry["variants"]:
-            row = f"| {v['label']} | {v['top1_mean']:.2f} ± {v['top1_std']:.2f} | 3 | – | {v['paper_top1']:.1f} |"
+            row = (f"| {v['label']} | {v['top1_mean']:.2f} ± {v['top1_std']:.2f} | 3 | – | "
+                   f"{v['paper_top1']:.1f} |")
             assert row in table
     assert (out / "kernels.png").read_bytes()[:8] == PNG_MAGIC
 
