@@ -374,12 +374,12 @@ DEMO_BACKBONE = dict(widths=(8, 16, 24, 48, 64), depths=(0, 1, 1, 1, 1), head_di
 
 
 @register_model("qtvit_seg_demo", card=ModelCard(paper_name=None, pretrained_cfg=dict(
-    input_size=(3, 64, 256), num_classes=4, task="segmentation", dataset="synthetic")))
+    input_size=(3, 32, 128), num_classes=4, task="segmentation", dataset="synthetic")))
 def qtvit_seg_demo(num_classes: int | None = None, *, kernel: str = "qt", ape: bool = False,
-                   shortcut: bool = False, drop_path_rate: float = 0.0, img_size=(64, 256),
+                   shortcut: bool = False, drop_path_rate: float = 0.0, img_size=(32, 128),
                    **kwargs) -> EfficientViTSeg:
     """A narrow B-style backbone (one block per stage, widths 8…64, head dim 8) + a one-block SegHead:
-    the CPU demo on the synthetic cue set (4 classes, 64×256 images); ~0.15 M parameters."""
+    the CPU demo on the synthetic cue set (4 classes, 32×128 images); ~0.15 M parameters."""
     classes = 4 if num_classes in (None, _CLASSIFICATION_DEFAULT) else num_classes
     backbone = EfficientViT(**DEMO_BACKBONE, num_classes=0, kernel=kernel, ape=ape, shortcut=shortcut,
                             drop_path_rate=drop_path_rate, img_size=img_size, **kwargs)

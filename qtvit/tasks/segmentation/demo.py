@@ -1,7 +1,7 @@
 """``qtvit seg demo``: train and evaluate a small QT-ViT + SegHead on the synthetic cue set, on CPU.
 
 The recipe (:data:`DEMO_RECIPE`) runs the one Trainer with ``task: segmentation`` on
-:mod:`~qtvit.tasks.segmentation.synthetic` images (64×256, 4 classes) and the narrow
+:mod:`~qtvit.tasks.segmentation.synthetic` images (32×128, 4 classes) and the narrow
 ``qtvit_seg_demo`` model (~0.15 M parameters). The run folder gets the Trainer's files
 (``last.pt``/``best.pt``, ``metrics.json`` with ``miou``/``macc``/``aacc`` as fractions,
 ``metrics.jsonl``, ``curves.png``, ``config.yaml``) plus ``overlay.png``: validation images with
@@ -28,13 +28,13 @@ DEMO_RECIPE = {
         "ape": False,  # the cue can be anywhere: position embeddings are not needed
         "shortcut": False,
         "drop_path_rate": 0.0,  # short schedule: no regularisation needed
-        "kwargs": {"img_size": [64, 256]},
+        "kwargs": {"img_size": [32, 128]},
     },
     "data": {
         "dataset": "synthetic",
-        "synthetic_size": [64, 256],  # wide images: the cue is 100–230 px from the objects
+        "synthetic_size": [32, 128],  # wide images: the cue is 32–120 px from the objects
         "synthetic_train": 1600,  # 100 steps per epoch at batch 16
-        "synthetic_val": 200,
+        "synthetic_val": 100,
         "eval_scale": None,
         "num_workers": 0,  # generation is cheap; workers would compete for the 2 cores
         "pin_memory": False,
@@ -50,7 +50,7 @@ DEMO_RECIPE = {
         "clip_grad": None,
     },
     "train": {
-        "epochs": 3,  # 300 steps
+        "epochs": 2,  # 200 steps
         "batch_size": 16,
         "eval_batch_size": 50,
         "ema": False,

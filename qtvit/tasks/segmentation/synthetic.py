@@ -1,16 +1,19 @@
 """A synthetic segmentation set where the right label depends on a distant cue (no download).
 
-Each image (default 64×256, wide) shows, on a noisy grey background:
+Each image (default 32×128, wide) shows, on a noisy grey background:
 
-* one **cue**: a small square of pure red, green or blue somewhere in the left quarter;
+* one **cue**: a square of pure red, green or blue somewhere in the left quarter;
 * one to three **objects**: grey squares in the right half, all drawn the same way.
 
 Labels: background and cue pixels are class 0 (``background``); every object pixel is class
-1 + (colour of the cue). So an object's class cannot be read from the object: it is decided by a
-cue 100–230 pixels away — farther than a small backbone's convolutions see at its attention
-stages (strides 16 and 32), but one token away for global attention. A model without global
-token mixing finds the objects but has to guess their class (mIoU ≈ 0.4 at best: background
-right, one object class in three); a model with attention can reach ≈ 1.
+1 + (colour of the cue). An object's class cannot be read from the object: it is decided by a
+cue a quarter to a full image width away. Global attention brings it over in one step (at the
+stride-16 stage of the demo model the image is 2×8 tokens); convolutions can only reach it
+through a stack of layers (the demo backbone's convolutions see 127 px at the stride-16 stage,
+the whole width only at the stride-32 stage, through 3×3/5×5 depthwise convs on a 1×4 grid), and
+a short schedule does not find that path. A model without global token mixing finds the
+objects but has to guess their class (mIoU ≈ 0.4 at best: background right, one object class
+in three); a model with attention can reach ≈ 1.
 
 Samples are generated from ``(seed, index)`` on the fly, so the set costs no disk and every
 worker and rank sees the same images.
@@ -26,27 +29,29 @@ CUE_COLOURS = ((230, 40, 40), (40, 200, 40), (40, 80, 230))  # red, green, blue 
 CLASSES = ["background", "object (red cue)", "object (green cue)", "object (blue cue)"]
 
 
-def make_sample(index: int, seed: int = 0, size: tuple[int, int] = (64, 256)) -> tuple[Tensor, Tensor]:
-    """(image uint8 (3, H, W), mask int64 (H, W)) number ``index`` of the set with ``seed``."""
+def make_sample(index: int, seed: int = 0, size: tuple[int, int] = (32, 128)) -> tuple[Tensor, Tensor]:
+    """(image uint8 (3, H, W), mask int64 (H, W)) number ``index`` of the set with ``seed``.
+
+    Sizes scale with H: the cue is an H/4–H/3 square in the left quarter, the objects H/4–H/2
+    squares in the right half (W ≥ 4·H keeps every object at least W/4 from the cue).
+    """
     H, W = size
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
 
     def randint(lo: int, hi: int) -> int:  # inclusive lo, exclusive hi
-        return int(torch.randint(lo, hi, (), generator=g))
+        return int(torch.randint(lo, max(hi, lo + 1), (), generator=g))
 
     base = randint(90, 150)
     image = (base + 25 * torch.randn(3, H, W, generator=g)).clamp(0, 255)
     mask = torch.zeros(H, W, dtype=torch.int64)
     cue = randint(0, len(CUE_COLOURS))
-    # the cue: a 10–14 px square in the left quarter
-    c = randint(10, 15)
-    top, left = randint(0, H - c + 1), randint(0, max(W // 4 - c, 1))
+    c = randint(H // 4, H // 3 + 1)
+    top, left = randint(0, H - c + 1), randint(0, W // 4 - c + 1)
     image[:, top:top + c, left:left + c] = torch.tensor(CUE_COLOURS[cue], dtype=torch.float32).view(3, 1, 1)
-    # the objects: grey squares (never overlapping each other's label), right half
+    shade = 220 if base < 120 else 30  # contrast with the background, unrelated to the class
     for _ in range(randint(1, 4)):
-        s = randint(12, 25)
+        s = randint(H // 4, H // 2 + 1)
         top, left = randint(0, H - s + 1), randint(W // 2, W - s + 1)
-        shade = 220 if base < 120 else 30  # contrast with the background, unrelated to the class
         image[:, top:top + s, left:left + s] = shade + 10 * torch.randn(3, s, s, generator=g)
         mask[top:top + s, left:left + s] = 1 + cue
     return image.clamp(0, 255).to(torch.uint8), mask
@@ -60,7 +65,7 @@ class SyntheticCueSegmentation(torch.utils.data.Dataset):
 
     classes = CLASSES
 
-    def __init__(self, length: int, seed: int = 0, size: tuple[int, int] = (64, 256), transform=None) -> None:
+    def __init__(self, length: int, seed: int = 0, size: tuple[int, int] = (32, 128), transform=None) -> None:
         if length < 1:
             raise ValueError(f"the synthetic set needs at least one sample, got length={length}")
         self.length, self.seed, self.size, self.transform = length, seed, tuple(size), transform

@@ -54,7 +54,7 @@ class SegDataConfig(BaseDataConfig):
     eval_stride: int = 341
     eval_flip: bool = False
     eval_scales: list[float] = field(default_factory=lambda: [1.0])
-    synthetic_size: list[int] = field(default_factory=lambda: [64, 256])  # (H, W) of the synthetic set
+    synthetic_size: list[int] = field(default_factory=lambda: [32, 128])  # (H, W) of the synthetic set
     synthetic_train: int = 4000
     synthetic_val: int = 200
 
