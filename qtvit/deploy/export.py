@@ -1,9 +1,12 @@
 """Export to ONNX and torch.export (``.pt2``) with dynamic batch, height and width.
 
 The exported graph is the fused model's (:func:`qtvit.deploy.fuse`, exact): its attention is written
-without Python branching on the token count and resizes the APE inside the graph, so one file
-serves every input size the model accepts. What the unfused modules do that pins sizes at export
-time, and why fusion avoids it, is in docs/DESIGN.md ("Deployment").
+without Python branching on the token count and always resizes the APE inside the graph, so one
+file serves every input size the model accepts. The training-time modules choose between dense
+and linear paths and split tokens into cache-sized chunks with Python arithmetic on the token
+count, and skip the APE resize when the size already matches: under ``torch.export`` each of
+those decisions becomes a guard on H and W (specialising them to the sample's size) or integer
+shape arithmetic in the graph. The fused attention has none of them.
 
 Metadata (ONNX ``metadata_props``; ``.pt2`` extra file ``qtvit.json``), all JSON:
     ``qtvit.model``          registered architecture name;
@@ -30,9 +33,10 @@ from ..errors import QtvitError
 from .fuse import fuse
 
 OPSET = 18
-# Input sizes every export accepts: the stride-32 map needs 32 px; multiples of 32 keep every
-# stage's grid exact (other sizes run, but are padded by the strided convolutions).
-MIN_SIZE = 32
+# Input sizes every export accepts: 64 px gives the stride-32 stage a 2×2 grid (torch.export
+# specialises size-1 dims, so 32 px, a 1×1 grid, is outside the exported range); multiples of 32
+# keep every stage's grid exact (other sizes run, but are padded by the strided convolutions).
+MIN_SIZE = 64
 MULTIPLE_OF = 32
 FORMATS = ("onnx", "torch-export", "hub")
 

@@ -1,6 +1,6 @@
 """Inference-time fusion: ``qtvit.deploy.fuse(model)`` returns a faster model with the same logits.
 
-What changes (all exact up to float rounding, see docs/DESIGN.md for the algebra):
+What changes (all exact up to float rounding):
 
 * every ``Conv2d → BatchNorm2d`` pair (stem, MBConv/FusedMBConv/ResBlock/DSConv, the head's
   ``in_conv`` and LiteMLA's output projection) becomes one convolution with a bias;
