@@ -59,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run_predict)
 
+    p = sub.add_parser("params",
+                       help="parameter counts of the registered detectors and their EfficientViT twins")
+    p.add_argument("--output", help="also write them to this JSON file")
+    p.set_defaults(func=run_params)
+
     p = sub.add_parser("demo",
                        help="train and evaluate a small detector on CPU in minutes (synthetic shapes)")
     p.add_argument("--output", help="run folder (default: the first free demo_output/det-run-N)")
@@ -189,6 +194,37 @@ def run_predict(args: argparse.Namespace) -> int:
                                          pred["boxes"][keep].tolist(), strict=True)]})
         print(f"{path}: {int(keep.sum())} detections → {target}")
     _write_json(out_dir / "predictions.json", {"checkpoint": str(args.checkpoint), "images": records})
+    return 0
+
+
+def detector_params() -> list[dict]:
+    """Parameters of every registered detector, QT-ViT and EfficientViT twin (built on the meta device)."""
+    import torch
+
+    from ...models import get_model_card, list_models
+    from ...models.registry import create_model
+
+    rows = []
+    for name in list_models("qtvit_*_mask_rcnn_coco"):
+        counts = {}
+        twin = dict(kernel="relu", ape=False, shortcut=False)
+        for variant, kwargs in (("qtvit", {}), ("efficientvit", twin)):
+            with torch.device("meta"):
+                model = create_model(name, **kwargs)
+            counts[variant] = sum(p.numel() for p in model.parameters())
+        rows.append({"model": name, "paper_name": get_model_card(name).paper_name,
+                     "params_qtvit": counts["qtvit"], "params_efficientvit": counts["efficientvit"]})
+    return rows
+
+
+def run_params(args: argparse.Namespace) -> int:
+    rows = detector_params()
+    print(f"{'model':34s} {'QT-ViT (M)':>11s} {'EfficientViT (M)':>17s}")
+    for r in rows:
+        print(f"{r['model']:34s} {r['params_qtvit'] / 1e6:11.2f} {r['params_efficientvit'] / 1e6:17.2f}")
+    if args.output:
+        _write_json(Path(args.output), {"command": f"qtvit det params --output {args.output}",
+                                        "detectors": rows})
     return 0
 
 
