@@ -1,10 +1,11 @@
-"""``qtvit seg train|eval|predict|demo``: semantic segmentation from the command line.
+"""``qtvit seg train|eval|predict|demo|bench``: semantic segmentation from the command line.
 
 * ``train``: the one Trainer with a segmentation recipe (``--config configs/seg/ade20k_upernet.yaml``).
 * ``eval``: mIoU / mAcc / aAcc of a model or checkpoint on a dataset (whole image or sliding window).
 * ``predict IMAGES --output DIR``: colour overlays (``NAME_overlay.png``) and raw masks
   (``NAME_mask.png``, one class id per pixel) for image files or folders.
 * ``demo --output DIR``: the CPU demo on the synthetic cue set (``--no-attention`` for the control).
+* ``bench``: time QT-ViT-1 + SegHead / UperNet at up to 1024×2048 against the ReLU and softmax twins.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="start over in an existing --output")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     p.set_defaults(func=run_demo_cli)
+
+    from .bench import register as register_bench
+
+    register_bench(sub)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
