@@ -266,6 +266,14 @@ def test_self_check_passes_and_auto_uses_the_kernels(monkeypatch):
                                rtol=1e-5, atol=1e-6)
     assert calls[-1] == "relu" and len(calls) == 4  # no second self-check
 
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return qtvit.attention(q, k, v, "qt", impl="auto")
+
+    # an exported graph keeps plain PyTorch ops (portable to ONNX and to machines without qtvit)
+    exported = torch.export.export(Attend(), (q.detach(), k.detach(), v.detach()))
+    assert not any("qtvit" in str(n.target) for n in exported.graph.nodes)
+
 
 def test_lite_mla_runs_the_fused_kernels():
     """LiteMLA with impl="triton" (q/k/v are strided views of the qkv tensor, k + APE, the

@@ -188,8 +188,11 @@ def _run_triton(kern: Kernel, q: Tensor, k: Tensor, v: Tensor, params: dict, eps
 
 def _auto_picks_triton(kern: Kernel, q: Tensor, k: Tensor, v: Tensor) -> bool:
     """``impl="auto"`` on CUDA: the fused kernels where they support the inputs and their one-time
-    self-check (per device and dtype, cached; a failure logs one warning) passed."""
-    return concrete(q.shape[-2], k.shape[-2]) and fused_triton.use_fused(q, k, v, kern.name)
+    self-check (per device and dtype, cached; a failure logs one warning) passed. Never while
+    exporting: an exported graph keeps plain PyTorch ops (ONNX, machines without qtvit's op)."""
+    if torch.compiler.is_exporting() or not concrete(q.shape[-2], k.shape[-2]):
+        return False
+    return fused_triton.use_fused(q, k, v, kern.name)
 # ----- end of the fused Triton kernels
 
 
