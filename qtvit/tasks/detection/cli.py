@@ -64,6 +64,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="also write them to this JSON file")
     p.set_defaults(func=run_params)
 
+    p = sub.add_parser("bench", help="backbone + FPN forward at COCO size: qt vs its ReLU and softmax twins")
+    p.add_argument("--backbone", default="qtvit_b1")
+    p.add_argument("--size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
+    p.add_argument("--repeats", type=int, default=5, help="timed forwards per variant (interleaved)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", help="also write the results to this JSON file")
+    p.set_defaults(func=run_bench)
+
     p = sub.add_parser("demo",
                        help="train and evaluate a small detector on CPU in minutes (synthetic shapes)")
     p.add_argument("--output", help="run folder (default: the first free demo_output/det-run-N)")
@@ -225,6 +233,23 @@ def run_params(args: argparse.Namespace) -> int:
     if args.output:
         _write_json(Path(args.output), {"command": f"qtvit det params --output {args.output}",
                                         "detectors": rows})
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import sys
+
+    from .bench import benchmark
+
+    result = benchmark(args.backbone, tuple(args.size), args.repeats, device=args.device)
+    result["command"] = "qtvit " + " ".join(sys.argv[1:])
+    print(f"{args.backbone} + FPN at {args.size[0]}×{args.size[1]} on {result['device']} "
+          f"({result['threads']} threads, load {result['load_start']} → {result['load_end']})")
+    for name, row in result["variants"].items():
+        print(f"  {name:8s} {row['median_s'] * 1e3:9.1f} ms  ×{row['ratio_to_relu']:.3f} of relu  "
+              f"peak {row['peak_mib']:.0f} MiB")
+    if args.output:
+        _write_json(Path(args.output), result)
     return 0
 
 
