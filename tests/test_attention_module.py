@@ -60,3 +60,27 @@ def test_module_bad_inputs():
         KernelAttention(30, num_heads=4)
     with pytest.raises(ValueError, match="expects x of shape \\(B, N, C\\)"):
         KernelAttention(32)(torch.randn(2, 32))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_scripted_module_keeps_fixed_kernel_parameters():
+    """A scripted copy runs the kernel in Python with the fixed parameters stored as attributes."""
+    attn = KernelAttention(32, num_heads=2, kernel="taylor2_pool", pool=4).eval()
+    assert attn.kernel_params.pool == 4 and attn.kernel_params.as_kwargs()["pool"] == 4
+    x = torch.randn(2, 11, 32)
+    scripted = torch.jit.script(attn)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), attn(x))
+        attn.set_kernel("taylor2_pool", pool=2)  # the eager module changed: the result must too
+        assert not torch.allclose(attn(x), scripted(x))
+
+
+def test_module_forward_has_no_keyword_expansion():
+    """The kernel call in forward takes fixed arguments (what TorchScript and export need)."""
+    import inspect
+
+    from qtvit.layers import LiteMLA
+
+    for cls in (KernelAttention, LiteMLA):
+        source = inspect.getsource(cls.forward)
+        assert "**" not in source and "kernel_params.attend(" in source, cls.__name__
