@@ -147,6 +147,23 @@ def test_warmup_call_over_the_limit_drops_the_variant_and_seeds_the_prediction()
     assert bigger["skip"] == "time" and bigger["predicted_ms"] >= 100
 
 
+def test_cpu_clock_leaves_out_waiting_and_wall_clock_counts_it():
+    def spin_and_sleep():
+        end = time.process_time() + 0.01
+        while time.process_time() < end:  # 10 ms of CPU work
+            pass
+        time.sleep(0.03)  # 30 ms waiting (as for a core on a busy machine)
+
+    results = {}
+    for clock in ("wall", "cpu"):
+        with Sweep("test", BenchConfig(**{**FAST.__dict__, "clock": clock}), 1) as sweep:
+            (results[clock],) = sweep.run("x", [Job("s", {}, lambda: spin_and_sleep, size=1)])
+    assert results["wall"]["min_ms"] >= 40
+    assert 9 <= results["cpu"]["min_ms"] < 25 and sweep.doc["config"]["clock"] == "cpu"
+    with pytest.raises(ValueError, match="clock must be wall, or cpu"):
+        BenchConfig(clock="gpu").validate()
+
+
 def test_fit_predict_recovers_linear_and_quadratic_costs():
     # two sizes: the fit decides, not the `quadratic` flag
     assert fit_predict([(100, 2.0), (400, 8.0)], 1600, quadratic=True) == pytest.approx(32.0)

@@ -67,6 +67,9 @@ class BenchConfig:
     max_seconds: float = 540.0  # budget of the whole run
     memory_fraction: float = 0.8  # of the memory available at the time (the machine may be shared)
     memory: bool = True  # measure peak memory
+    # "wall": wall-clock time; "cpu": this process's CPU time (time.process_time), which on a busy
+    # machine leaves out the time spent waiting for a core (use with threads=1: it sums threads)
+    clock: str = "wall"
     compile: bool = False  # torch.compile every variant
     # intra-op threads (torch.set_num_threads) for the run; None keeps torch's default. On a busy
     # machine fewer threads than cores avoid stalls at OpenMP barriers
@@ -89,6 +92,9 @@ class BenchConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        cpu_device = parse_device(self.device).type == "cpu"
+        if self.clock not in ("wall", "cpu") or (self.clock == "cpu" and not cpu_device):
+            raise ValueError(f"clock must be wall, or cpu on a CPU device, got {self.clock!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} not supported; choose from {', '.join(DTYPES)}")
         device = parse_device(self.device)
@@ -104,6 +110,7 @@ COMMON_HELPS = {
     "compile": "torch.compile every variant (compile time in the JSON)",
     "max_call_seconds": "skip variants predicted (or first measured) slower than this per call (s)",
     "memory": "measure peak memory", "progress": "show progress on stderr",
+    "clock": "wall (wall-clock) or cpu (process CPU time: robust on a busy machine; use --threads 1)",
     "system_malloc": "keep glibc's malloc thresholds (default: re-run with tuned ones, qtvit/bench/env.py)",
 }
 
@@ -378,7 +385,8 @@ class Sweep:
                 {i: c for i, c in calls.items() if i not in errors}, device=self.device, warmup=t["warmup"],
                 repeats=t["repeats"], min_repeats=t["min_repeats"], min_sample_seconds=cfg.min_sample_seconds,
                 variant_seconds=t["variant_seconds"], max_call_seconds=cfg.max_call_seconds,
-                deadline=deadline, extra_calls=int(cfg.memory), on_progress=self.progress.phase)
+                deadline=deadline, extra_calls=int(cfg.memory), on_progress=self.progress.phase,
+                timer=time.process_time if cfg.clock == "cpu" else time.perf_counter)
             errors.update(timed.errors)
             peaks: dict[int, int | None] = {}
             self.progress.phase("memory")

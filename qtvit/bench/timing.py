@@ -5,7 +5,9 @@ sample lasts at least ``min_sample_seconds`` (fast ops are timed over several ca
 samples are taken in rounds, each round visiting every variant once in a rotated order, so that
 machine noise (other processes, frequency changes) hits all variants alike. Slow variants take
 part in fewer rounds (at least ``min_repeats``) so one config stays within its budget. Times are
-wall-clock (``time.perf_counter``) around the inner loop, with ``torch.cuda.synchronize`` before
+wall-clock (``time.perf_counter``; or the process's CPU time, ``timer=time.process_time``, which
+on a busy CPU leaves out the time spent waiting for a core) around the inner loop, with
+``torch.cuda.synchronize`` before
 and after on CUDA, so they include launch overhead as a user would see it. Reported: median,
 quartiles, IQR, min, mean (ms per call), and minor page faults per call (a diagnostic for the
 allocator; see :mod:`qtvit.bench.env`).
@@ -87,15 +89,16 @@ class Samples:
         }
 
 
-def _time_calls(fn: Callable[[], object], number: int, sync: Callable[[], None]) -> tuple[float, int]:
+def _time_calls(fn: Callable[[], object], number: int, sync: Callable[[], None],
+                timer: Callable[[], float] = time.perf_counter) -> tuple[float, int]:
     """Seconds per call over ``number`` calls, and the minor faults they caused."""
     sync()
     faults = minor_faults()
-    start = time.perf_counter()
+    start = timer()
     for _ in range(number):
         fn()
     sync()
-    return (time.perf_counter() - start) / number, minor_faults() - faults
+    return (timer() - start) / number, minor_faults() - faults
 
 
 @dataclass
@@ -121,6 +124,7 @@ def time_interleaved(
     deadline: float | None = None,
     extra_calls: int = 0,
     on_progress: Callable[[str], None] | None = None,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> Interleaved:
     """Time every function in ``fns`` with interleaved rounds (see the module docstring).
 
@@ -140,6 +144,7 @@ def time_interleaved(
             variant has ``min_repeats`` samples.
         extra_calls: calls per variant the caller makes afterwards (a memory measurement), planned in.
         on_progress: called with a short phase description.
+        timer: the clock of the samples (deadlines stay on ``time.perf_counter``).
     """
     sync = synchronizer(device)
     out = Interleaved()
@@ -150,7 +155,7 @@ def time_interleaved(
             on_progress(f"warm-up {round_ + 1}/{warmup}")
         for name in names:
             try:
-                last[name], _ = _time_calls(fns[name], 1, sync)
+                last[name], _ = _time_calls(fns[name], 1, sync, timer)
             except VARIANT_ERRORS as err:
                 out.errors[name] = err
                 continue
@@ -191,7 +196,7 @@ def time_interleaved(
             if name in out.errors or rounds[name] <= round_:
                 continue
             try:
-                seconds, faults = _time_calls(fns[name], out.samples[name].number, sync)
+                seconds, faults = _time_calls(fns[name], out.samples[name].number, sync, timer)
             except VARIANT_ERRORS as err:
                 out.errors[name] = err
                 continue
