@@ -51,21 +51,14 @@ def test_registry_lists_every_segmentation_model():
 
 # Derived from the registry; the large ones (slow to build even on the meta device) run with -m slow.
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.slow) if (qtvit.get_model_card(n).params or 0) > 45e6 else n
+    pytest.param(n, marks=pytest.mark.slow) if qtvit.get_model_card(n).params > 45e6 else n
     for n in segmentation_models()])
 def test_registered_segmentation_model_matches_its_card(name):
     card = qtvit.get_model_card(name)
     model = meta(name)  # shapes only
     assert model.num_classes == card.pretrained_cfg["num_classes"]
-    if card.params is not None:
-        assert n_params(model) == card.params
-
-
-@pytest.mark.parametrize("name", ["qtvit_b0_seghead_cityscapes", "qtvit_1_seghead_ade20k"])
-def test_card_macs_at_224(name):
-    card = qtvit.get_model_card(name)
-    macs = count_macs(qtvit.create_model(name), (1, 3, 224, 224))
-    assert macs / 1e9 == pytest.approx(card.macs_224, abs=5e-4)
+    assert n_params(model) == card.params
+    assert count_macs(model, (1, 3, 224, 224)) == card.macs_224  # exact, as the registry's cards
 
 
 def test_seghead_widths_follow_the_backbone_and_dataset():

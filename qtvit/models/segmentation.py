@@ -309,8 +309,9 @@ def build_upernet(size: str, num_classes: int | None = None, *, dataset: str = "
 
 
 # ------------------------------------------------------------------------------ registration
-# Cards: params with the default kernel/APE/shortcut and the dataset's classes (tests recount them);
-# MACs at 224×224 (``macs_224``, the registry's convention; the head's MACs scale with the pixels).
+# Cards: params with the default kernel/APE/shortcut and the dataset's classes, and the exact MACs of
+# one 224×224 image (``macs_224``, the registry's convention; the heads' MACs grow with the pixels);
+# tests recount both.
 # The EfficientViT twins (kernel="relu", ape=False, shortcut=False) are listed in TWIN_PARAMS.
 def _seg_cfg(dataset: str, classes: int) -> dict:
     return dict(input_size=(3, 512, 512) if dataset == "ade20k" else (3, 1024, 2048), num_classes=classes,
@@ -319,17 +320,26 @@ def _seg_cfg(dataset: str, classes: int) -> dict:
                 dataset=dataset)
 
 
-UPERNET_CARDS = {  # k: (params, MACs@224 in G); QT-ViT-k, 150 classes, no auxiliary head
-    1: (32_756_125, 40.66), 2: (44_275_376, 41.77), 3: (69_732_773, 44.20), 4: (68_019_388, 45.49),
-    5: (79_172_798, 47.18), 6: (228_121_310, 67.86),
+UPERNET_CARDS = {  # k: (params, MACs of one 3×224×224 image); QT-ViT-k, 150 classes, no auxiliary head
+    1: (32_756_125, 40_659_048_448),
+    2: (44_275_376, 41_773_146_624),
+    3: (69_732_773, 44_204_189_184),
+    4: (68_019_388, 45_485_759_488),
+    5: (79_172_798, 47_177_041_920),
+    6: (228_121_310, 67_857_944_576),
 }
-SEGHEAD_CARDS: dict[tuple[str, str], tuple[int, float]] = {  # (params, MACs@224 in G), dataset's classes
-    ("b0", "cityscapes"): (782_087, 0.105), ("b1", "cityscapes"): (5_054_554, 0.600),
-    ("b1", "ade20k"): (5_042_525, 0.591), ("b2", "cityscapes"): (15_851_277, 1.761),
-    ("b2", "ade20k"): (15_820_880, 1.738), ("b3", "cityscapes"): (40_657_826, 4.287),
-    ("b3", "ade20k"): (40_600_869, 4.243), ("l1", "cityscapes"): (40_543_673, 6.758),
-    ("l1", "ade20k"): (40_710_972, 6.955), ("l2", "cityscapes"): (53_009_851, 9.477),
-    ("l2", "ade20k"): (51_864_382, 8.646),
+SEGHEAD_CARDS: dict[tuple[str, str], tuple[int, int]] = {  # (params, MACs at 224×224), dataset's classes
+    ("b0", "cityscapes"): (782_087, 104_993_280),
+    ("b1", "cityscapes"): (5_054_554, 600_406_016),
+    ("b1", "ade20k"): (5_042_525, 591_273_984),
+    ("b2", "cityscapes"): (15_851_277, 1_761_403_392),
+    ("b2", "ade20k"): (15_820_880, 1_738_071_552),
+    ("b3", "cityscapes"): (40_657_826, 4_287_112_704),
+    ("b3", "ade20k"): (40_600_869, 4_243_158_528),
+    ("l1", "cityscapes"): (40_543_673, 6_758_255_616),
+    ("l1", "ade20k"): (40_710_972, 6_955_146_240),
+    ("l2", "cityscapes"): (53_009_851, 9_477_142_528),
+    ("l2", "ade20k"): (51_864_382, 8_646_428_672),
 }
 # EfficientViT twins (kernel="relu", ape=False, shortcut=False), 150 classes: the QT-ViT paper's Table 6
 # prints 32.50 / 43.75 / 68.68 M for the three UperNets (B1's 32.505 M printed as 32.50).
@@ -371,9 +381,10 @@ def _register_seghead(size: str, dataset: str) -> None:
 
 
 DEMO_BACKBONE = dict(widths=(8, 16, 24, 48, 64), depths=(0, 1, 1, 1, 1), head_dim=8)
+DEMO_PARAMS, DEMO_MACS = 146_030, 34_035_008  # 4 classes; MACs at 224×224
 
 
-@register_model("qtvit_seg_demo", card=ModelCard(paper_name=None, pretrained_cfg=dict(
+@register_model("qtvit_seg_demo", card=ModelCard(params=DEMO_PARAMS, macs_224=DEMO_MACS, pretrained_cfg=dict(
     input_size=(3, 32, 128), num_classes=4, task="segmentation", dataset="synthetic")))
 def qtvit_seg_demo(num_classes: int | None = None, *, kernel: str = "qt", ape: bool = False,
                    shortcut: bool = False, drop_path_rate: float = 0.0, img_size=(32, 128),
