@@ -139,8 +139,8 @@ class ClsHead(nn.Module):
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.global_pool(self.in_conv(x)).flatten(1)  # (B, widths[0])
-        for i in range(4):  # Linear, LayerNorm, act, dropout → (B, widths[1])
-            x = self.classifier[i](x)
+        # Linear, LayerNorm, act, dropout → (B, widths[1]) (literal indices: TorchScript needs them)
+        x = self.classifier[3](self.classifier[2](self.classifier[1](self.classifier[0](x))))
         return x if pre_logits else self.classifier[4](x)
 
 

@@ -79,6 +79,15 @@ def _take_indices(n: int, indices: int | Sequence[int] | None) -> tuple[list[int
     return take, max(take)
 
 
+def _check_pool(global_pool: str, num_classes: int) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool={global_pool!r}: EfficientViT's head supports 'avg' or '' "
+                         "(no pooling)")
+    if global_pool == "" and num_classes:
+        raise ValueError("global_pool='' returns unpooled features, which have no classifier: "
+                         "use num_classes=0")
+
+
 class Stem(nn.Sequential):
     """3×3 stride-2 conv + BN + act (``in_conv``), then residual blocks ``res0..`` (DSConv for B,
     ResBlock for L). A Sequential so timm's ``flatten_sequential`` feature extraction sees it."""
@@ -132,8 +141,11 @@ class EfficientViT(nn.Module):
             the resolution five times (attention at strides 16 and 32). Small study models at
             small images use 1s to give attention a finer token grid.
         in_chans: input channels.
-        global_pool: only ``"avg"`` (as EfficientViT).
+        global_pool: ``"avg"`` (as EfficientViT) or ``""``: no pooling, ``forward_head`` returns the
+            head conv's unpooled map (B, head_widths[0], h, w) (timm's convention; needs num_classes=0).
     """
+
+    __jit_unused_properties__ = ["default_cfg"]  # TorchScript: a Python-only alias
 
     def __init__(
         self,
@@ -167,8 +179,7 @@ class EfficientViT(nn.Module):
                              f"got {widths!r}, {depths!r}")
         if len(strides) != 5 or any(s not in (1, 2) for s in strides):
             raise ValueError(f"strides needs 5 entries (stem, stage 1..4), each 1 or 2; got {strides!r}")
-        if global_pool != "avg":
-            raise ValueError(f"global_pool={global_pool!r}: EfficientViT's head only supports 'avg'")
+        _check_pool(global_pool, num_classes)
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         attn_stages = (2, 3) if style == "b" else (3,)
@@ -274,8 +285,9 @@ class EfficientViT(nn.Module):
                          reset_other: bool = False) -> None:
         """New final Linear with ``num_classes`` outputs (0: identity). ``reset_other`` also drops the
         head's conv and hidden Linear/LayerNorm/act, leaving pool → classifier on the backbone features."""
-        if global_pool is not None and global_pool != "avg":
-            raise ValueError(f"global_pool={global_pool!r}: EfficientViT's head only supports 'avg'")
+        _check_pool(self.global_pool if global_pool is None else global_pool, num_classes)
+        if global_pool is not None:
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.head.reset(num_classes, reset_other=reset_other)
         self.head_hidden_size = self.head.num_features
@@ -295,6 +307,7 @@ class EfficientViT(nn.Module):
             raise ValueError(f"input size {H}×{W} is too small: EfficientViT needs at least "
                              f"{MIN_INPUT}×{MIN_INPUT} (multiples of 32 are exact; others are padded)")
 
+    @torch.jit.ignore
     def _run_stage(self, stage: EfficientViTStage, x: Tensor) -> Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for block in stage.blocks:
@@ -304,14 +317,20 @@ class EfficientViT(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C_in, H, W) → (B, num_features, ⌈H/32⌉, ⌈W/32⌉)."""
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # Python-side checks (TorchScript skips them)
+            self._check_input(x)
         x = self.stem(x)
-        for stage in self.stages:
-            x = self._run_stage(stage, x)
-        return x
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for stage in self.stages:
+                x = self._run_stage(stage, x)
+            return x
+        return self.stages(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(B, num_features, h, w) → logits (B, num_classes), or (B, head_hidden_size) if ``pre_logits``."""
+        """(B, num_features, h, w) → logits (B, num_classes), or (B, head_hidden_size) if ``pre_logits``;
+        with ``global_pool=""`` the head conv's unpooled map (B, C, h, w)."""
+        if self.global_pool == "":
+            return self.head.in_conv(x)
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -341,7 +360,8 @@ class EfficientViT(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
         take, last = _take_indices(len(self.stages), indices)
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # Python-side checks (TorchScript skips them)
+            self._check_input(x)
         x = self.stem(x)
         intermediates = []
         for i, stage in enumerate(self.stages):

@@ -121,8 +121,10 @@ def create_timm_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.
 
     canonical = resolve_model_name(name)
     builder = _BUILDERS[canonical]
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    feature_cfg = dict(flatten_sequential=True, out_indices=out_indices)
+    if canonical.startswith("qtvit_vit"):  # plain ViT: features from forward_intermediates, last 4 blocks
+        feature_cfg = dict(feature_cls="getter", out_indices=kwargs.pop("out_indices", 4))
+    else:
+        feature_cfg = dict(flatten_sequential=True, out_indices=kwargs.pop("out_indices", (0, 1, 2, 3)))
     return build_model_with_cfg(
         _adapt(builder, canonical), name, pretrained,
         pretrained_filter_fn=_pretrained_filter, feature_cfg=feature_cfg, **kwargs)

@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -32,7 +33,7 @@ Tensor = torch.Tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-GLOBAL_POOLS = ("token", "avg")
+GLOBAL_POOLS = ("token", "avg", "")  # "": no pooling, the head sees every token (timm's convention)
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
@@ -62,6 +63,28 @@ def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tup
     return torch.cat([prefix, grid], dim=1)
 
 
+def check_patch_multiple(x: Tensor, patch_size: int) -> None:
+    """Raise a one-line ValueError unless the image's H and W are multiples of the patch size."""
+    H, W = x.shape[-2], x.shape[-1]
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"input size {H}×{W} is not a multiple of the patch size {patch_size}")
+
+
+def pos_embed_for_grid(pos_embed: Tensor, grid_size: tuple[int, int], x: Tensor,
+                       num_prefix_tokens: int) -> Tensor:
+    """The position embedding for patch grid x (B, gh, gw, C): stored one, or resized to (gh, gw)."""
+    gh, gw = x.shape[1], x.shape[2]
+    if gh == grid_size[0] and gw == grid_size[1]:
+        return pos_embed
+    return resize_pos_embed(pos_embed, grid_size, (gh, gw), num_prefix_tokens)
+
+
+# torch.fx.symbolic_trace (timm's and torchvision's feature extractors): these size-dependent helpers
+# become single graph nodes instead of failing on symbolic shapes.
+torch.fx.wrap("check_patch_multiple")
+torch.fx.wrap("pos_embed_for_grid")
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p×p patches → C channels: (B, 3, H, W) → (B, gh, gw, C)."""
 
@@ -71,10 +94,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        H, W = x.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"input size {H}×{W} is not a multiple of the patch size {p}")
+        check_patch_multiple(x, self.patch_size)
         return self.proj(x).permute(0, 2, 3, 1)  # (B, gh, gw, C)
 
 
@@ -123,8 +143,9 @@ class VisionTransformer(nn.Module):
         num_classes: classifier outputs K (0: no classifier, ``forward`` returns pooled features).
         embed_dim, depth, num_heads, mlp_ratio: width C, blocks, heads (head dim C/heads), MLP expansion.
         qkv_bias: bias in the qkv projection (True, as timm/DeiT).
-        global_pool: ``"token"`` (class token, as timm's default ViT) or ``"avg"`` (no class token;
-            mean of the final-normed patch tokens).
+        global_pool: ``"token"`` (class token, as timm's default ViT), ``"avg"`` (no class token;
+            mean of the final-normed patch tokens) or ``""`` (class token kept, no pooling: the head
+            sees every token, as in timm).
         drop_rate: dropout after the MLP/attention projections and before the head.
         drop_path_rate: stochastic depth, increasing linearly from 0 to this over the blocks.
         kernel: attention kernel name from :func:`qtvit.list_kernels` (default ``"qt"``).
@@ -162,12 +183,14 @@ class VisionTransformer(nn.Module):
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.num_features = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1 if global_pool == "token" else 0
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 0 if global_pool == "avg" else 1
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}")
+                             for i in range(depth)]
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if global_pool == "token" else None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.num_prefix_tokens else None
         num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -212,23 +235,29 @@ class VisionTransformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: identity)."""
-        if global_pool is not None and global_pool != self.global_pool:
-            raise ValueError(
-                f"global_pool is fixed at construction ({self.global_pool!r}); it decides whether a class "
-                "token exists")
+        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: identity).
+
+        ``global_pool`` may switch between ``"token"`` (needs the class token), ``"avg"`` (mean of
+        the patch tokens) and ``""`` (no pooling).
+        """
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                valid = ", ".join(map(repr, GLOBAL_POOLS))
+                raise ValueError(f"unknown global_pool {global_pool!r}; valid: {valid}")
+            if global_pool == "token" and self.cls_token is None:
+                raise ValueError("global_pool='token' needs a class token; this model was built with "
+                                 "global_pool='avg' (no class token)")
+            self.global_pool = global_pool
         self.num_classes = num_classes
-        ref = self.norm.weight
+        ref = self.patch_embed.proj.weight  # (the norm may have been pruned away)
         self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
                      if num_classes > 0 else nn.Identity())
 
     def _pos_embed(self, x: Tensor) -> Tensor:
         """Patch grid (B, gh, gw, C) → tokens with class token and position embedding (B, T, C)."""
-        B, gh, gw, C = x.shape
-        pos = self.pos_embed
-        if (gh, gw) != self.grid_size:
-            pos = resize_pos_embed(pos, self.grid_size, (gh, gw), self.num_prefix_tokens)
-        x = x.reshape(B, gh * gw, C)
+        B, C = x.shape[0], x.shape[-1]
+        pos = pos_embed_for_grid(self.pos_embed, self.grid_size, x, self.num_prefix_tokens)
+        x = x.reshape(B, -1, C)  # (B, gh·gw, C)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         return self.pos_drop(x + pos)
@@ -237,21 +266,85 @@ class VisionTransformer(nn.Module):
         """(B, 3, H, W) → final-normed tokens (B, T, C); H, W any multiple of the patch size."""
         x = self._pos_embed(self.patch_embed(x))
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Tokens (B, T, C) → logits (B, K), or the pooled features (B, C) with ``pre_logits``."""
-        x = x[:, 0] if self.global_pool == "token" else x.mean(dim=1)  # (B, C)
+        """Tokens (B, T, C) → logits (B, K), or the pooled features (B, C) with ``pre_logits``
+        (with ``global_pool=""``: per-token logits (B, T, K) / tokens (B, T, C))."""
+        if self.global_pool == "token":
+            x = x[:, 0]  # (B, C)
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, C)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) → logits (B, K)."""
         return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, return_prefix_tokens: bool = False):
+        """Block outputs as feature maps (timm interface).
+
+        Args:
+            indices: blocks to return: None = all, int k = the last k, or a sequence (negative from the end).
+            norm: apply the final norm to the returned maps.
+            stop_early: stop after the last requested block (the returned final x is then that block's).
+            output_fmt: ``"NCHW"`` (B, C, gh, gw) or ``"NHWC"`` (B, gh, gw, C).
+            intermediates_only: return only the list.
+            return_prefix_tokens: return (map, class-token (B, 1, C)) pairs.
+
+        Returns:
+            ``[maps]`` or ``(final normed tokens (B, T, C), [maps])``.
+        """
+        from .efficientvit import _take_indices
+
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt={output_fmt!r}: use 'NCHW' or 'NHWC'")
+        take, last = _take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        x = self.patch_embed(x)
+        gh, gw = x.shape[1], x.shape[2]
+        x = self._pos_embed(x)
+        out = []
+        blocks = self.blocks[: last + 1] if stop_early else self.blocks
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                prefix, tokens = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens:]
+                fmap = tokens.reshape(B, gh, gw, -1)
+                if output_fmt == "NCHW":
+                    fmap = fmap.permute(0, 3, 1, 2).contiguous()
+                out.append((fmap, prefix) if return_prefix_tokens else fmap)
+        if intermediates_only:
+            return out
+        return self.norm(x), out
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last requested one (and the norm/head if asked); returns the
+        kept indices."""
+        from .efficientvit import _take_indices
+
+        take, last = _take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        self.feature_info = self.feature_info[: last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
