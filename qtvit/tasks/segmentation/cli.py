@@ -60,6 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     p.set_defaults(func=run_demo_cli)
 
+    p = sub.add_parser("params", help="parameters of every segmentation model and its EfficientViT twin")
+    p.add_argument("--output", help="JSON path (default: print only)")
+    p.set_defaults(func=run_params)
+
     from .bench import register as register_bench
 
     register_bench(sub)
@@ -79,6 +83,33 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip", action="store_true", help="average with the flipped image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale factors")
     p.add_argument("--device", default="cpu")
+
+
+def run_params(args: argparse.Namespace) -> int:
+    """Count (on the meta device: no memory) every segmentation model and its twin (relu, no APE/shortcut)."""
+    import torch
+
+    from ...bench.env import git_commit
+    from ...models import create_model, get_model_card
+    from ...models.segmentation import segmentation_models
+
+    rows = []
+    print(f"{'model':30s} {'params':>13s} {'twin params':>13s}")
+    for name in segmentation_models():
+        with torch.device("meta"):
+            qt = sum(p.numel() for p in create_model(name).parameters())
+            twin_model = create_model(name, kernel="relu", ape=False, shortcut=False)
+            twin = sum(p.numel() for p in twin_model.parameters())
+        rows.append({"model": name, "params": qt, "twin_params": twin,
+                     "macs_224": get_model_card(name).macs_224})
+        print(f"{name:30s} {qt:>13,d} {twin:>13,d}", flush=True)
+    if args.output:
+        from ...io import write_atomic
+
+        doc = {"env": {"git": git_commit(), "torch": torch.__version__}, "rows": rows,
+               "note": "twin: kernel='relu', ape=False, shortcut=False; dataset's classes; no auxiliary head"}
+        write_atomic(args.output, json.dumps(doc, indent=2) + "\n")
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
