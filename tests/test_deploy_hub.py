@@ -64,3 +64,28 @@ def test_save_pretrained_refuses_overwrite_and_fused(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folders left behind
+
+
+def test_cli_export_hub_takes_ema_weights_and_class_names(tmp_path, capsys):
+    from qtvit.cli import main
+
+    model = perturb(qtvit.create_model("qtvit_b0", num_classes=len(CLASSES), img_size=64))
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    raw = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in ema.items()}
+    ckpt = tmp_path / "last.pt"
+    config = {"model": {"name": "qtvit_b0", "kwargs": {"img_size": 64}}}
+    torch.save({"qtvit_train_checkpoint": 1, "model_name": "qtvit_b0", "model": raw, "ema": ema,
+                "classes": CLASSES, "config": config}, ckpt)
+    out = tmp_path / "hub"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "hub", "--output", str(out)]) == 0
+    loaded = qtvit.create_model(str(out))
+    assert loaded.pretrained_cfg["label_names"] == CLASSES
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)  # the EMA weights, not the raw ones
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "hub", "--output", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(ckpt), "--no-ema", "--format", "hub", "--output",
+                 str(out), "--overwrite"]) == 0
+    with torch.no_grad():
+        assert not torch.equal(qtvit.create_model(str(out))(x), model(x))
