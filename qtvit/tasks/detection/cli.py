@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_bench)
 
     p = sub.add_parser("demo",
-                       help="train and evaluate a small detector on CPU in minutes (synthetic shapes)")
+                       help="train and evaluate a small detector on CPU (synthetic shapes)")
     p.add_argument("--output", help="run folder (default: the first free demo_output/det-run-N)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the demo recipe's)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output")
