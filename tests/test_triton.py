@@ -302,6 +302,25 @@ def test_lite_mla_runs_the_fused_kernels():
         assert rel_rmse(a, b) <= limit, f"{name}: relative RMSE {rel_rmse(a, b):.2e}"
 
 
+def test_bench_attention_triton_rows(monkeypatch):
+    """``qtvit bench attention --impl triton``: rows for qt and relu; on CPU they run only under the
+    interpreter and are skipped (code ``triton``, reason given) otherwise."""
+    from qtvit.bench.attention import AttentionBenchConfig, format_table, run_attention_benchmark
+
+    config = AttentionBenchConfig(kernels=("relu", "qt", "taylor2"), impls=("triton",), tokens=(16,),
+                                  head_dims=(8,), heads=1, warmup=0, repeats=1, min_repeats=1,
+                                  min_sample_seconds=1e-6, variant_seconds=0.01, memory=False, progress=False)
+    doc = run_attention_benchmark(config)
+    rows = [(r["variant"], r["status"]) for r in doc["results"]]
+    assert rows == [("relu/triton", "ok"), ("qt/triton", "ok")]  # taylor2 has no fused kernel: no row
+    assert all(r["median_ms"] > 0 for r in doc["results"])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    doc = run_attention_benchmark(config)
+    assert {(r["status"], r["skip"]) for r in doc["results"]} == {("skipped", "triton")}
+    assert all("TRITON_INTERPRET=1" in r["reason"] for r in doc["results"])
+    assert "skip:triton" in "\n".join(format_table(doc))
+
+
 def test_unsupported_inputs_give_one_line_errors(monkeypatch):
     q, k, v = qkv(1, 1, 5, 8)
     with pytest.raises(ValueError, match="no fused Triton kernel"):

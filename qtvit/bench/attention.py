@@ -7,6 +7,9 @@ seed) go through every *variant*, all interleaved in one step of the shared runn
     feature map); time grows ∝ N;
   * ``<kernel>/dense``: ``impl="dense"``, the N×N reference path (∝ N²), capped at
     ``max_dense_tokens`` (skip code ``cap``);
+  * ``<kernel>/triton``: ``impl="triton"``, the fused Triton kernels (qt and relu; only when
+    asked for, e.g. ``--impl linear,sdpa,triton``; skip code ``triton`` where Triton cannot run:
+    CPU tensors unless ``TRITON_INTERPRET=1``, whose interpreted timings mean nothing);
   * ``softmax/sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` called directly, the
     baseline. ``softmax/dense`` runs that same function through ``qtvit.attention``, so it is
     measured only when ``sdpa`` is not.
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from ..io import write_json  # noqa: F401  (re-exported for modules that still import it from here)
 from ..kernels import attention as kernel_attention
 from ..kernels import get_kernel, list_kernels
+from ..kernels import triton as fused_triton
 from .cli import add_benchmark
 from .runner import (
     COMMON_HELPS,
@@ -43,7 +47,7 @@ from .runner import (
 )
 from .timing import fmt_mb, fmt_ms
 
-IMPLS = ("linear", "dense", "sdpa")
+IMPLS = ("linear", "dense", "sdpa", "triton")
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class AttentionBenchConfig(BenchConfig):
     """Settings of one attention benchmark run (``qtvit bench attention`` flags map onto them)."""
 
     kernels: tuple[str, ...] | None = None  # None: every registered kernel
-    impls: tuple[str, ...] = IMPLS
+    impls: tuple[str, ...] = ("linear", "dense", "sdpa")  # "triton" on request (CUDA)
     tokens: tuple[int, ...] = (256, 1024, 4096, 16384, 65536)
     head_dims: tuple[int, ...] = (16, 32)
     batch: int = 1
@@ -109,7 +113,7 @@ class Variant:
     """One measured code path: a kernel and how it is computed."""
 
     kernel: str
-    impl: str  # "linear", "dense" or "sdpa"
+    impl: str  # "linear", "dense", "sdpa" or "triton"
 
     @property
     def name(self) -> str:
@@ -122,6 +126,8 @@ def build_variants(config: AttentionBenchConfig) -> list[Variant]:
     variants = [Variant("softmax", "sdpa")] if "sdpa" in config.impls else []
     if "linear" in config.impls:
         variants += [Variant(k.name, "linear") for k in kernels if k.has_linear]
+    if "triton" in config.impls:
+        variants += [Variant(k.name, "triton") for k in kernels if k.name in fused_triton.KERNELS]
     if "dense" in config.impls:
         variants += [Variant(k.name, "dense") for k in kernels
                      if not (k.name == "softmax" and "sdpa" in config.impls)]
@@ -182,11 +188,13 @@ def run_attention_benchmark(config: AttentionBenchConfig | None = None, echo: Ec
                                       f"for slow variants), budget {config.max_seconds:g} s"):
                 echo(line)
         cap = f"dense paths capped at N ≤ {config.max_dense_tokens} (max_dense_tokens)"
+        no_triton = fused_triton.unavailable_reason(config.device)
         for d, n in steps:
             sweep.run(f"d={d} N={n}", [
-                Job(series=f"{v.name} d={d}", size=n, quadratic=v.impl != "linear",
+                Job(series=f"{v.name} d={d}", size=n, quadratic=v.impl not in ("linear", "triton"),
                     build=lambda v=v, d=d, n=n: _make_call(v, config, d, n),
-                    skip=("cap", cap) if v.impl == "dense" and n > config.max_dense_tokens else None,
+                    skip=("cap", cap) if v.impl == "dense" and n > config.max_dense_tokens else
+                    ("triton", no_triton) if v.impl == "triton" and no_triton else None,
                     entry={"variant": v.name, "kernel": v.kernel, "impl": v.impl, "head_dim": d,
                            "tokens": n, "batch": config.batch})
                 for v in variants])
@@ -216,7 +224,9 @@ def format_table(doc: dict) -> list[str]:
     return lines + [
         "cells: median ms per call | peak MiB above the inputs; * noisy (median > 1.5× min or IQR > 50% "
         "of median: see min_ms in the JSON).",
-        "skip:cap dense N cap; skip:time/memory predicted (or warm-up) over max_call_seconds / available "
+        "skip:cap dense N cap; skip:triton Triton kernels unavailable (CUDA only; TRITON_INTERPRET=1 "
+        "runs them on CPU, for checking, not timing);",
+        "skip:time/memory predicted (or warm-up) over max_call_seconds / available "
         "memory; skip:budget max_seconds spent; skip:failed failed at a smaller N."]
 
 
