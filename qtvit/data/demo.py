@@ -18,13 +18,15 @@ SEP (0.3 of the side) apart, and every class is a statement about *both* centres
 * no object's position says much either: the pair is placed uniformly wherever it fits, with the
   signs of Δx and Δy and the order of the two objects random, so each centre on its own is
   spread over the whole image in every class. A classifier that sees one centre's exact
-  position reaches about 30–35% (chance 25%; measured in ``tests/test_data.py``), against 100%
+  position reaches about 37% (chance 25%; bounded by ``tests/test_data.py``), against 100%
   for one that sees both;
 * a model must therefore bring the two positions together: a convolution stack whose receptive
   field is smaller than the objects' distance cannot, global average pooling of position-free
   local features cannot (the class is not a function of the *set* of objects' appearances),
   while attention with positional information on its keys can (e.g. second moments of the
-  object tokens' coordinates decide all four classes).
+  object tokens' coordinates decide all four classes). A convolution stack whose receptive
+  field spans the image can solve it too: at 64 px the convolutions of the small QT-ViT used by
+  ``qtvit reproduce`` do, without attention (docs/RESULTS.md, section 3).
 
 Images are generated on the fly from ``numpy.random.default_rng((seed, split, index))``: the
 set is identical on every machine, needs no download or disk, and renders at any resolution
