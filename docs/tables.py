@@ -28,7 +28,8 @@ SOURCES = {
                "qtvit bench models --models qtvit_1 --batch-size 32 --repeats 7 --threads 1 --clock cpu "
                "--output docs/results/models_cpu.json"),
     "pareto": ("pareto_cpu/pareto.json",
-               "qtvit bench pareto --models '...' --batch-sizes 1 --output-dir docs/results/pareto_cpu"),
+               "qtvit bench pareto --models '<selection>' --batch-sizes 1 --threads 1 --clock cpu "
+               "--output-dir docs/results/pareto_cpu"),
 }
 
 
