@@ -1,6 +1,6 @@
 """Kernel correctness: identities in float64, dense vs linear, gradients, numerics, errors.
 
-The references here are written from the formulas in SPEC §2–3, independently of
+The references here are written from the formulas in docs/DESIGN.md (§kernels, §qt), independently of
 ``qtvit/kernels/definitions.py``.
 """
 
@@ -91,7 +91,7 @@ def test_feature_map_inner_product_equals_pairwise_weight(case, d):
 
 
 def _full_kronecker_taylor2(x: torch.Tensor) -> torch.Tensor:
-    """SPEC §2 taylor2 map literally: φ(x) = [vec(ϕ⊗ϕ)/√2, 1/√2], ϕ(x) = [x/d^¼, 1]."""
+    """The taylor2 map literally (docs/DESIGN.md §kernels): φ(x) = [vec(ϕ⊗ϕ)/√2, 1/√2], ϕ(x) = [x/d^¼, 1]."""
     d = x.shape[-1]
     phi = torch.cat([x / d**0.25, torch.ones_like(x[..., :1])], -1)
     kron = (phi[..., :, None] * phi[..., None, :]).flatten(-2)
@@ -119,7 +119,8 @@ def test_symmetric_outer_squares_inner_products():
 
 
 def _spec_qt_reference(q, k, v, const):
-    """SPEC §3 steps 2–4 literally: normalise, square, normalise; append c; cat ones to v."""
+    """qt as the authors compute it (docs/DESIGN.md §qt): normalise, square, normalise; append c;
+    cat ones to v."""
     eps = 1e-15
 
     def prep(x):

@@ -125,7 +125,7 @@ def test_drop_path_module_and_residual():
 
 # ------------------------------------------------------------------------------ LiteMLA
 def lite_mla_reference(m: LiteMLA, x: torch.Tensor) -> torch.Tensor:
-    """LiteMLA written out per head with pairwise weights (an independent reading of SPEC §3–4).
+    """LiteMLA written out per head with pairwise weights (an independent reading of docs/DESIGN.md §litemla).
 
     Handles relu (EfficientViT) and qt (QT-ViT) kernels; float64; eval-mode BN.
     """

@@ -1,4 +1,4 @@
-"""Every kernel of the paper (SPEC §2–3): feature maps ψ, constant features, pairwise weights.
+"""Every kernel of the paper (docs/DESIGN.md §kernels): feature maps ψ, constants, pairwise weights.
 
 Each kernel is written twice, from two different formulas, so one checks the other:
   * ``pairwise(q, k)``: the weight w(q_i, k_j) straight from its definition, (B, H, N, M);
@@ -496,12 +496,12 @@ register_kernel(Kernel(
 ))
 
 # ---------------------------------------------------------------------------------------- qt
-# The released code's kernel (SPEC §3 steps 2-4): x̂ = n(n(x)²) with n(x) = x/(‖x‖+ε),
+# The released code's kernel (docs/DESIGN.md §qt): x̂ = n(n(x)²) with n(x) = x/(‖x‖+ε),
 # w(q, k) = ⟨q̂, k̂⟩ + c², normalised. (APE and the GELU(BN(v)) shortcut belong to the layer.)
 
 
 def qt_hat(x: Tensor) -> Tensor:
-    """SPEC §3 step 2 literally: x/(‖x‖+ε), square, x/(‖x‖+ε). (..., d) → (..., d)."""
+    """x/(‖x‖+ε), square, x/(‖x‖+ε), as the authors' code does (docs/DESIGN.md §qt): (..., d) → (..., d)."""
     x = x / (row_norm(x) + EPS)
     x = x * x
     return x / (row_norm(x) + EPS)
@@ -524,7 +524,7 @@ QT_NORM_FLOOR = 1e-19
 def _qt_linear(q: Tensor, k: Tensor, v: Tensor, eps: float, const) -> Tensor:
     """O(N) qt attention with both normalisations and the constant feature folded algebraically.
 
-    Step 2 of SPEC §3 gives x̂ = x²/r(x), r(x) = ‖x²‖ (the first normalisation only rescales x;
+    The authors' normalisation gives x̂ = x²/r(x), r(x) = ‖x²‖ (the first normalisation only rescales x;
     the released code's ε changes r by < ε·√d relative). With S = Σ_j [v_j; 1] and
     [KV; Kz] = Σ_j [v_j; 1] k̂_jᵀ, multiplying numerator and denominator by r(q_i):
         out_i = (KV·q_i² + r(q_i)·c²S_v) / (Kz·q_i² + r(q_i)·(c²M + ε)).

@@ -1,10 +1,10 @@
-"""LiteMLA: EfficientViT's multi-scale linear attention with the kernel chosen by name (SPEC §3–4).
+"""LiteMLA: EfficientViT's multi-scale linear attention, any kernel by name (docs/DESIGN.md §litemla).
 
 Shape legend: B batch, C channels, H×W feature map, N = H·W tokens, d = ``head_dim``,
 h = C // d heads, S = 1 + len(scales) token scales, so S·h heads attend (each on its own
 d-dim slice of q, k, v; heads never mix inside attention, only in ``proj``).
 
-Channel layout (notes/efficientvit.md §2.6): ``qkv(x)`` has 3·h·d channels, head-major with
+Channel layout (docs/DESIGN.md §litemla): ``qkv(x)`` has 3·h·d channels, head-major with
 q/k/v interleaved per head: channels [3d·i, 3d·(i+1)) are head i's [q | k | v]. The multi-scale
 branches keep that layout and are concatenated on the channel axis after the plain branch,
 so heads 0..h-1 see the 1×1 tokens and heads h·s..h·(s+1)-1 the tokens aggregated at scale s.
@@ -110,7 +110,7 @@ class LiteMLA(nn.Module):
             if ape_size is None:
                 raise ValueError("LiteMLA: ape=True needs ape_size=(gh, gw), the token grid at the "
                                  "training resolution")
-            # Zero-init (SPEC §4): the model starts position-agnostic, like EfficientViT.
+            # Zero-init (docs/DESIGN.md §init): the model starts position-agnostic, like EfficientViT.
             self.ape = nn.Parameter(torch.zeros(1, n_heads * head_dim, *ape_size))
         else:
             self.register_parameter("ape", None)
@@ -183,8 +183,9 @@ class LiteMLA(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A checkpoint trained at another resolution stores the APE at another grid (SPEC §7):
-        # resize it bicubically to this module's grid instead of failing on the shape.
+        # A checkpoint trained at another resolution stores the APE at another grid
+        # (docs/DESIGN.md §checkpoints): resize it bicubically to this module's grid instead of
+        # failing on the shape.
         key = prefix + "ape"
         if self.ape is not None and key in state_dict:
             t = state_dict[key]
