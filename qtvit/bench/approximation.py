@@ -315,6 +315,8 @@ def train_softmax_vit(config: ApproximationConfig, log: Echo | None = None) -> t
         trainer = Trainer(cfg, run_dir, command="qtvit bench approximation",
                           task=lambda c, info: PairTask(c, info, config))
         fit = trainer.fit()
+        if fit.status != "done":  # a signal: no study on a half-trained model
+            raise QtvitError(f"training the softmax ViT was {fit.status} at step {fit.global_step}")
         model = trainer.model.eval()
     return model, {"steps": fit.global_step, "batch": config.train_batch, "lr": config.lr,
                    "train_images": config.train_images, "image_size": config.image_size,
