@@ -24,6 +24,7 @@ def test_reduced_budget_demo_writes_metrics_overlay_and_checkpoint(tmp_path):
     out = tmp_path / "demo"
     metrics = run_demo(out, overrides=TINY)
     saved = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "done"
     for key in ("miou", "macc", "aacc"):
         assert 0.0 <= saved[key] <= 1.0 and saved[key] == metrics[key]
     assert saved["task"] == "segmentation" and saved["global_step"] == 2

@@ -123,6 +123,8 @@ def run_demo_cli(args: argparse.Namespace) -> int:
 
     metrics = run_demo(args.output, no_attention=args.no_attention, overrides=args.overrides,
                        overwrite=args.overwrite, resume=args.resume)
+    if metrics["status"] != "done":
+        return 1
     print(f"demo: mIoU {metrics['miou']:.3f}  mAcc {metrics['macc']:.3f}  aAcc {metrics['aacc']:.3f} → "
           f"{args.output}/metrics.json, overlay.png, best.pt")
     return 0

@@ -73,7 +73,11 @@ def demo_config(no_attention: bool = False, overrides: list[str] | tuple[str, ..
 
 def run_demo(output: str | Path, no_attention: bool = False, overrides: list[str] | tuple[str, ...] = (),
              overwrite: bool = False, resume: bool = False) -> dict:
-    """Train + evaluate; write the run folder (see the module docstring). Returns ``metrics.json``'s dict."""
+    """Train + evaluate; write the run folder (see the module docstring).
+
+    Returns ``metrics.json``'s dict with ``status`` ``"done"``, or the Trainer's status
+    (``"interrupted"``, ``"paused"``) and the last evaluation's metrics when it stopped early.
+    """
     from ...train.trainer import Trainer
 
     cfg = demo_config(no_attention, overrides)
@@ -81,9 +85,10 @@ def run_demo(output: str | Path, no_attention: bool = False, overrides: list[str
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     result = Trainer(cfg, output, resume=resume, overwrite=overwrite, command="qtvit seg demo").fit()
     run_dir = Path(output)
-    if result.status == "done":
-        write_overlay(run_dir, cfg)
-    return json.loads((run_dir / "metrics.json").read_text())
+    if result.status != "done":  # interrupted or paused: the Trainer said how to resume
+        return {"status": result.status, **result.metrics}
+    write_overlay(run_dir, cfg)
+    return {"status": "done", **json.loads((run_dir / "metrics.json").read_text())}
 
 
 def write_overlay(run_dir: Path, cfg) -> Path:
