@@ -208,3 +208,19 @@ def test_tiny_model_override_is_a_real_qt_vit():
     assert model.pretrained_cfg["input_size"] == (3, 32, 32)
     assert any(n.endswith(".ape") for n, _ in model.named_parameters())
     assert any("kernel_params.const" in n for n, _ in model.named_parameters())
+
+
+def test_poly_schedule_takes_the_configured_power(tmp_path):
+    """mmseg's poly schedule has power 1.0 (linear decay); timm's default power is 0.1."""
+    from test_train_support import TINY_RUN
+
+    from qtvit.train.trainer import Trainer
+
+    cfg = load_config(None, TINY_RUN + ["optim.sched=poly", "optim.decay_rate=1.0", "optim.warmup_epochs=0",
+                                        "optim.min_lr=0", "train.epochs=4"])
+    trainer = Trainer(cfg, tmp_path / "r")
+    total = trainer.total_steps
+    lrs = [trainer.scheduler._get_lr(step)[0] for step in (0, total // 2, total)]
+    assert lrs[0] == pytest.approx(trainer.lr)
+    assert lrs[1] == pytest.approx(trainer.lr / 2, rel=0.05)  # halfway: half the lr at power 1
+    assert lrs[2] == pytest.approx(0.0, abs=1e-9)

@@ -122,6 +122,10 @@ class OptimConfig:
     # with <= 1 dim nor on the APEs (qtvit.train.optim).
     decay_rule: str = "authors"
     sched: str = "cosine"
+    # timm's decay_rate: the power of the "poly" schedule (mmseg's poly uses 1.0, i.e. linear decay),
+    # the factor of "step"/"multistep"; the cosine schedule ignores it.
+    decay_rate: float = 0.1
+    decay_milestones: list[int] | None = None  # "multistep": epochs at which lr is multiplied by decay_rate
     warmup_epochs: float = 20
     warmup_lr: float = 0.0
     min_lr: float = 0.0

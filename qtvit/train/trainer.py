@@ -231,6 +231,7 @@ class Trainer:
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=o.sched, num_epochs=t.epochs - o.warmup_epochs,
             warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr, min_lr=o.min_lr, warmup_prefix=True,
+            decay_rate=o.decay_rate, decay_milestones=o.decay_milestones or (90, 180, 270),
             step_on_epochs=False, updates_per_epoch=self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
 
