@@ -79,6 +79,8 @@ def test_config_checks_name_the_bad_value():
         load_config("det/demo", ["model.norm=gn"])
     cfg = load_config("det/qtvit_1_1x", ["data.path=/coco"])
     assert cfg.train.epochs == 12 and cfg.aug.train_sizes == [800] and cfg.model.norm == "sync_bn"
+    assert cfg.optim.sched == "multistep" and cfg.optim.decay_milestones == [8, 11]
+    assert load_config("det/qtvit_1_3x", ["data.path=/coco"]).optim.decay_milestones == [27, 33]
 
 
 def test_reduced_demo_then_eval_and_predict_on_its_checkpoint(tmp_path, capsys):
