@@ -21,10 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE = "timm_integration"  # timm files our entrypoints under this module name
 
 
-def test_every_qtvit_name_is_registered_without_collisions():
-    ours = set(qtvit.list_models(include_aliases=True))
-    assert {"qtvit_1", "qtvit_6", "qtvit_b0", "qtvit_l3"} <= ours
+def test_every_qtvit_classifier_is_registered_without_collisions():
+    ours = set(qtvit.list_models(include_aliases=True, task="classification"))
+    assert {"qtvit_1", "qtvit_6", "qtvit_b0", "qtvit_l3", "qtvit_vit_tiny"} <= ours
     assert set(timm.list_models(module=MODULE)) == ours
+    # segmentation and detection models are qtvit-only (timm's contract is a classifier's)
+    dense = set(qtvit.list_models(task="segmentation")) | set(qtvit.list_models(task="detection"))
+    assert {"qtvit_1_upernet_ade20k", "qtvit_1_cascade_mask_rcnn_coco"} <= dense
+    assert not dense & set(timm.list_models())
     timm_own = {n for m in timm.list_modules() if m != MODULE for n in timm.list_models(module=m)}
     assert not ours & timm_own
     assert register_with_timm() == []  # idempotent

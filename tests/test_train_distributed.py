@@ -24,7 +24,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
            "-m", "qtvit", "train", "--output", str(tmp_path / "ddp"), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("qtvit train: qtvit_b0") == 1  # only rank 0 talks
+    assert proc.stdout.count("qtvit train: classification, qtvit_b0") == 1  # only rank 0 talks
     assert "on 2× cpu" in proc.stdout
 
     # Same thread count as the torchrun workers: AdamW's first steps move parameters whose

@@ -1,11 +1,10 @@
 """Model families (EfficientViT/QT-ViT, plain ViT), the registry and checkpoint conversion."""
 
-from . import (
-    detection,  # noqa: F401  (registers the Cascade Mask R-CNN / Mask R-CNN detectors)
-    efficientvit,  # noqa: F401  (registers qtvit_b0..l3 / qtvit_1..6)
-    segmentation,  # noqa: F401  (registers the UperNet / SegHead segmentation models)
-    vit,  # noqa: F401  (registers the plain-ViT family)
-)
+# Registration order is listing order: the classifiers first, then the dense-prediction models.
+from . import efficientvit  # noqa: F401, I001  (registers qtvit_b0..l3 / qtvit_1..6)
+from . import vit  # noqa: F401  (registers the plain-ViT family)
+from . import segmentation  # noqa: F401  (registers the UperNet / SegHead segmentation models)
+from . import detection  # noqa: F401  (registers the Cascade Mask R-CNN / Mask R-CNN detectors)
 from .checkpoint import (
     convert_state_dict,
     detect_layout,

@@ -589,7 +589,9 @@ def infer_model_name(sd: Mapping[str, Tensor], layout: str | None = None) -> str
 
     sd = convert_state_dict(sd, layout=layout)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    for name in list_models():
+    # Classifiers only: the checkpoint layouts qtvit converts are classification ones, and building
+    # every detector/segmenter (even on the meta device) to compare would cost seconds per call.
+    for name in list_models(task="classification"):
         sig = _signature(name)
         if sig is None:
             continue

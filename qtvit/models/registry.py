@@ -65,10 +65,18 @@ def register_model(name: str, *, aliases: tuple[str, ...] = (), card: ModelCard 
     return decorator
 
 
-def list_models(pattern: str | None = None, include_aliases: bool = False) -> list[str]:
-    """Registered model names in registration order, optionally filtered by a glob ``pattern``."""
+def model_task(name: str) -> str:
+    """What a registered model does: its card's ``pretrained_cfg["task"]``, ``classification`` by default."""
+    return get_model_card(name).pretrained_cfg.get("task", "classification")
+
+
+def list_models(pattern: str | None = None, include_aliases: bool = False,
+                task: str | None = None) -> list[str]:
+    """Registered model names in registration order, optionally filtered by a glob ``pattern`` and by
+    ``task`` (``classification``, ``segmentation``, ``detection``; see :func:`model_task`)."""
     names = list(_BUILDERS) + (list(_ALIASES) if include_aliases else [])
-    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+    return [n for n in names if (pattern is None or fnmatch.fnmatch(n, pattern))
+            and (task is None or model_task(n) == task)]
 
 
 def resolve_model_name(name: str) -> str:

@@ -64,7 +64,10 @@ def pretrained_cfg_for(name: str) -> dict[str, Any]:
 
 
 def register_with_timm(names: list[str] | None = None) -> list[str]:
-    """Register qtvit models (default: all, aliases included) as timm entrypoints.
+    """Register qtvit models (default: every classifier, aliases included) as timm entrypoints.
+
+    Only classifiers: timm's model contract (a classifier head, pooled features) does not fit the
+    segmentation and detection models, which are built through :func:`qtvit.create_model`.
 
     Idempotent: names this module registered before are skipped. Returns the newly registered
     names. Raises :class:`QtvitError` if timm already has one of the names from another module.
@@ -79,7 +82,7 @@ def register_with_timm(names: list[str] | None = None) -> list[str]:
     # a leaf for FX tracing (features_only=True, feature_cls="fx"), as timm does for its LiteMLA
     register_notrace_module(LiteMLA)
     fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
-    names = list_models(include_aliases=True) if names is None else list(names)
+    names = list_models(include_aliases=True, task="classification") if names is None else list(names)
     new = []
     for name in names:
         if is_model(name):
