@@ -28,7 +28,7 @@ EVIT = dict(kernel="relu", ape=False, shortcut=False)  # plain EfficientViT
 
 # The paper's figures (docs/DESIGN.md §architecture), restated here as the independent reference:
 # (params QT, params EfficientViT, GMACs@224 as the paper prints them; B0's is EfficientViT-B0's)
-SPEC = {
+PAPER_COUNTS = {
     "qtvit_b0": (3_485_404, 3_410_008, 0.10),
     "qtvit_b1": (9_353_135, 9_102_024, 0.52),
     "qtvit_b2": (24_858_210, 24_330_712, 1.60),
@@ -81,7 +81,7 @@ def b0() -> EfficientViT:
     return randomize_(qtvit.create_model("qtvit_b0"), seed=1).eval()
 
 
-# ------------------------------------------------------------------ the authors' logits (SPEC §6)
+# ------------------------------------------------- the authors' logits (docs/DESIGN.md §fixture)
 def fixture_state(keys: list) -> dict[str, torch.Tensor]:
     """The official-layout state dict filled by the fixture's crc32 rule."""
     dtypes = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
@@ -104,7 +104,7 @@ def fixture_state(keys: list) -> dict[str, torch.Tensor]:
 
 
 def official_to_native_b(key: str) -> str:
-    """Minimal official → native key map for B models (notes §4.4 + the QT extras' names)."""
+    """Minimal official → native key map for B models (docs/DESIGN.md §checkpoints + the QT extras)."""
     key = key.replace("backbone.input_stem.op_list.0.", "stem.in_conv.")
     key = re.sub(r"^backbone\.input_stem\.op_list\.(\d+)\.", lambda m: f"stem.res{int(m[1]) - 1}.", key)
     key = re.sub(r"^backbone\.stages\.(\d+)\.op_list\.(\d+)\.", r"stages.\1.blocks.\2.", key)
@@ -141,7 +141,7 @@ def check_fixture_outputs(model: nn.Module, outputs: dict) -> float:
 def test_official_fixture_logits():
     """The authors' code's logits for the crc32-filled QT-ViT-1 at 224 and 160 px (APE resized)."""
     fx = json.loads(FIXTURE.read_text())
-    assert fx["num_params"] == SPEC["qtvit_b1"][0]
+    assert fx["num_params"] == PAPER_COUNTS["qtvit_b1"][0]
     official = fixture_state(fx["keys"])
     native = {official_to_native_b(k): v for k, v in official.items()}
     model = qtvit.create_model("qtvit_b1").eval()
@@ -161,7 +161,7 @@ def test_official_fixture_through_the_converter():
 
 # ------------------------------------------------------------------ registry facts
 def test_family_and_aliases():
-    assert FAMILY == list(SPEC)
+    assert FAMILY == list(PAPER_COUNTS)
     for alias, (name, top1, top5) in PAPER.items():
         assert qtvit.models.resolve_model_name(alias) == name
         card = qtvit.get_model_card(alias)
@@ -171,7 +171,7 @@ def test_family_and_aliases():
 
 @pytest.mark.parametrize("name", FAMILY)
 def test_params_exact(name):
-    qt, evit, _ = SPEC[name]
+    qt, evit, _ = PAPER_COUNTS[name]
     assert qtvit.get_model_card(name).params == qt
     assert n_params(meta_model(name)) == qt
     assert n_params(meta_model(name, **EVIT)) == evit
@@ -184,7 +184,7 @@ def test_params_exact(name):
 def test_macs_at_224(name):
     """The card's MACs are the exact count (one attention matmul more or less changes it; the
     attention is ~1.6% of B1's MACs), and within 1% of the figure the paper prints."""
-    _, _, gmacs = SPEC[name]
+    _, _, gmacs = PAPER_COUNTS[name]
     card = qtvit.get_model_card(name)
     assert isinstance(card.macs_224, int)
     assert count_macs(meta_model(name)) == card.macs_224
@@ -206,7 +206,7 @@ def test_count_macs_counts_attention_matmuls():
     assert count_macs(nn.Conv2d(3, 8, 3, padding=1), (2, 3, 10, 10)) == 2 * 8 * 100 * 27
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if SPEC[n][0] > BIG else n
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if PAPER_COUNTS[n][0] > BIG else n
                                   for n in FAMILY])
 def test_forward_backward_every_model(name):
     torch.manual_seed(0)

@@ -56,7 +56,7 @@ def test_create_model_through_timm():
     assert m(torch.randn(1, 3, 64, 64)).shape == (1, 10)
     cfg = timm.data.resolve_data_config({}, model=m)
     assert cfg["input_size"] == (3, 224, 224) and cfg["interpolation"] == "bicubic"
-    assert cfg["crop_pct"] == 0.95  # B1's eval crop (SPEC §5); 1.0 for the others
+    assert cfg["crop_pct"] == 0.95  # B1's eval crop (docs/DESIGN.md §recipe); 1.0 for the others
     assert timm.data.resolve_data_config({}, model=timm.create_model("qtvit_b0"))["crop_pct"] == 1.0
     plain = timm.create_model("qtvit_b0", kernel="relu", ape=False, shortcut=False)
     assert not any(".ape" in k for k in plain.state_dict())

@@ -1,5 +1,5 @@
 """The recipe's parts in isolation: EMA warm-up, BN re-estimation, multi-resolution global batches,
-optimizer groups, learning-rate scaling, and the per-model YAML recipes against SPEC §5."""
+optimizer groups, learning-rate scaling, and the per-model YAML recipes against docs/DESIGN.md §recipe."""
 
 from __future__ import annotations
 
@@ -172,8 +172,9 @@ def test_lr_scales_with_the_global_batch(tmp_path):
     assert trainer.lr == pytest.approx(2.5e-4 * 8 / 128)
 
 
-# SPEC §5, per model: mixup α, RandAugment (n, m), drop path, random erasing, lr per 128, distill r
-SPEC_TABLE = {
+# docs/DESIGN.md §recipe, per model: mixup α, RandAugment (n, m), drop path, random erasing, lr per 128,
+# distill r
+RECIPE_TABLE = {
     "qtvit_1": ("qtvit_b1", 0.1, (1, 3), 0.05, 0.0, 2.5e-4, 0.0),
     "qtvit_2": ("qtvit_b2", 0.1, (1, 3), 0.05, 0.0, 2.5e-4, 0.0),
     "qtvit_3": ("qtvit_b3", 0.3, (2, 6), 0.1, 0.0, 2.5e-4, 0.0),
@@ -183,9 +184,9 @@ SPEC_TABLE = {
 }
 
 
-@pytest.mark.parametrize("recipe", sorted(SPEC_TABLE))
+@pytest.mark.parametrize("recipe", sorted(RECIPE_TABLE))
 def test_recipes_state_the_papers_values(recipe):
-    name, alpha, (n, m), drop_path, re_prob, base_lr, distill = SPEC_TABLE[recipe]
+    name, alpha, (n, m), drop_path, re_prob, base_lr, distill = RECIPE_TABLE[recipe]
     cfg = load_config(recipe)
     assert cfg.model.name == name and cfg.model.drop_path_rate == drop_path
     assert cfg.aug.mixup_alpha == cfg.aug.cutmix_alpha == alpha

@@ -4,7 +4,7 @@ Also re-exports the convolutional blocks, LiteMLA and DropPath, so every buildin
 imported from ``qtvit.layers.blocks`` (or ``qtvit.layers``).
 
 Module names follow timm's ``efficientvit_mit`` (``main``, ``context_module``, ``local_module``,
-``in_conv``, ``classifier.{0,1,4}``) so state-dict keys are timm's (notes/efficientvit.md §4.4).
+``in_conv``, ``classifier.{0,1,4}``) so state-dict keys are timm's (docs/DESIGN.md §checkpoints).
 """
 
 from __future__ import annotations

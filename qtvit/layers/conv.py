@@ -1,4 +1,4 @@
-"""Convolutional building blocks of EfficientViT (notes/efficientvit.md §2.1–2.4).
+"""Convolutional building blocks of EfficientViT (docs/DESIGN.md §blocks).
 
 Submodule names follow timm's ``efficientvit_mit`` (``conv``/``norm``/``act``, ``depth_conv``,
 ``point_conv``, ``inverted_conv``, ``spatial_conv``, ``conv1``/``conv2``) so the state-dict keys

@@ -1,7 +1,7 @@
 """Stochastic depth (drop-path): drop a residual branch per sample during training.
 
 timm's ``efficientvit_mit`` has none; the QT-ViT/EfficientViT recipe trains with a linearly
-increasing rate (SPEC §5). Written here so the core needs torch alone.
+increasing rate (docs/DESIGN.md §recipe). Written here so the core needs torch alone.
 """
 
 from __future__ import annotations

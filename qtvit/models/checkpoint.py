@@ -1,6 +1,6 @@
 """Reading, converting, checking and writing model checkpoints.
 
-Four state-dict layouts load into qtvit models (SPEC §6, notes/efficientvit.md §4.4):
+Four state-dict layouts load into qtvit models (docs/DESIGN.md §checkpoints):
 
 ``native``
     qtvit's own layout: timm's ``efficientvit_*`` key names (``stem.in_conv``, ``stem.res{k}``,

@@ -1,10 +1,10 @@
-"""EfficientViT and QT-ViT (SPEC §4): one general class, seven registered sizes at the bottom.
+"""EfficientViT and QT-ViT (docs/DESIGN.md §architecture): one class, seven registered sizes at the bottom.
 
 QT-ViT-1..6 are EfficientViT-B1, B2, B3, L1, L2, L3 with the ``qt`` kernel in every LiteMLA, a
 zero-initialised APE on the keys and the GELU(BN(v)) shortcut. ``kernel="relu", ape=False,
 shortcut=False`` gives EfficientViT of the same size exactly (timm's state-dict layout).
 
-Module tree (= timm's ``efficientvit_*`` keys, notes/efficientvit.md §4.4):
+Module tree (= timm's ``efficientvit_*`` keys, docs/DESIGN.md §checkpoints):
     stem.in_conv, stem.res{k}                      stride 2
     stages.{i}.blocks.{j}, i = 0..3                 strides 4, 8, 16, 32; block 0 = stride-2 entry
     head.in_conv, head.classifier.{0,1,4}
@@ -388,7 +388,7 @@ class EfficientViT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- spec sheet
-# (widths stem,s1..s4), (depths), head dim, head widths, style, act, norm eps — SPEC §4.
+# (widths stem,s1..s4), (depths), head dim, head widths, style, act, norm eps — docs/DESIGN.md §models.
 CONFIGS: dict[str, dict] = {
     "b0": dict(widths=(8, 16, 32, 64, 128), depths=(1, 2, 2, 2, 2), head_dim=16, head_widths=(1024, 1280),
                style="b", act_layer="hardswish", norm_eps=1e-5),
@@ -406,7 +406,7 @@ CONFIGS: dict[str, dict] = {
                head_widths=(6144, 6400), style="l", act_layer="gelu_tanh", norm_eps=1e-7),
 }
 
-# Parameter counts of the ReLU / no-APE / no-shortcut variants (= EfficientViT, SPEC §4).
+# Parameter counts of the ReLU / no-APE / no-shortcut variants (= EfficientViT, docs/DESIGN.md §models).
 EFFICIENTVIT_PARAMS = {"b0": 3_410_008, "b1": 9_102_024, "b2": 24_330_712, "b3": 48_646_056,
                        "l1": 52_654_088, "l2": 63_707_016, "l3": 246_037_288}
 
@@ -414,7 +414,7 @@ EFFICIENTVIT_PARAMS = {"b0": 3_410_008, "b1": 9_102_024, "b2": 24_330_712, "b3":
 def _pretrained_cfg(size: str) -> dict:
     return dict(
         architecture=f"qtvit_{size}", input_size=(3, 224, 224), pool_size=(7, 7),
-        crop_pct=0.95 if size == "b1" else 1.0,  # SPEC §5: eval crop 0.95 for B1, 1.0 otherwise
+        crop_pct=0.95 if size == "b1" else 1.0,  # DESIGN.md §recipe: eval crop 0.95 for B1, 1.0 otherwise
         interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         num_classes=1000, first_conv="stem.in_conv.conv", classifier="head.classifier.4",
     )

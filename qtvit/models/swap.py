@@ -100,7 +100,7 @@ class KernelLiteMLA(nn.Module):
 
     With ``kernel="relu"`` this is timm's computation except for the normaliser's ε: timm adds
     1e-5 to the denominator, qtvit 1e-15 (the authors' value; the kernel math runs in float32).
-    Only the kernel changes: QT-ViT's key APE and GELU(BN(v)) shortcut (SPEC §3) are not added;
+    Only the kernel changes: QT-ViT's key APE and GELU(BN(v)) shortcut (docs/DESIGN.md §qt) are not added;
     build ``qtvit_b*`` models for those.
     """
 

@@ -1,4 +1,4 @@
-"""Batch-norm statistics re-estimation before evaluation (SPEC §5: on 16k training images).
+"""Batch-norm statistics re-estimation before evaluation (docs/DESIGN.md §recipe: on 16k training images).
 
 Multi-resolution training leaves running statistics that mix four resolutions (and an EMA
 model's statistics are an average of the model's, not statistics *of* the averaged weights).

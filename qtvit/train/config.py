@@ -4,7 +4,7 @@ A config has six sections (``model``, ``data``, ``aug``, ``optim``, ``train``, `
 its task with a top-level ``task:`` key (default ``classification``; see
 :mod:`qtvit.train.task`). Other tasks use a subclass of :class:`Config` whose ``data``/``aug``
 sections are their own dataclasses (their ``data`` extends :class:`BaseDataConfig`). The
-dataclass defaults are the paper's recipe for QT-ViT-1 (SPEC §5) on ImageNet; the YAML files in
+dataclass defaults are the paper's recipe for QT-ViT-1 (docs/DESIGN.md §recipe) on ImageNet; the YAML files in
 ``configs/`` restate the recipe per model with the reason for every value. Values can be
 overridden with ``section.key=value`` strings (parsed as YAML: ``aug.train_sizes=[160,224]``,
 ``model.kernel=null``). Unknown sections or keys and badly typed values raise

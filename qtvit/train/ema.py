@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights with EfficientViT's warm-up (SPEC §5).
+"""Exponential moving average of the weights with EfficientViT's warm-up (docs/DESIGN.md §recipe).
 
 timm's :class:`~timm.utils.ModelEmaV3` does the averaging (parameters and buffers, in place,
 foreach); only the decay schedule differs: EfficientViT uses
