@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import attention, get_kernel
+from ..kernels import get_kernel
 from ..layers.attention import KernelAttention, KernelParams
 
 Tensor = torch.Tensor
@@ -83,7 +83,7 @@ class TimmKernelAttention(KernelAttention):
                 raise ValueError(
                     f"kernel {self.kernel!r} does not support attn_mask/is_causal (linear attention has no "
                     "attention matrix to mask); use kernel='softmax' for masked attention")
-            x = attention(q, k, v, self.kernel, impl=self.impl, **self.kernel_params.as_kwargs())
+            x = self.kernel_params.attend(q, k, v, self.impl)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))  # (B, N, H·d)
         if gate is not None:
             x = x * gate
@@ -138,7 +138,7 @@ class KernelLiteMLA(nn.Module):
         multi = torch.cat([qkv, *(op(qkv) for op in self.aggreg)], dim=1)  # (B, 3·h·d·(1+S), H, W)
         multi = multi.reshape(B, -1, 3 * d, H * W).transpose(-1, -2)  # (B, h', N, 3d), h' = h·(1+S)
         q, k, v = multi.split(d, dim=-1)  # each (B, h', N, d)
-        out = attention(q, k, v, self.kernel, impl=self.impl, **self.kernel_params.as_kwargs())
+        out = self.kernel_params.attend(q, k, v, self.impl)
         out = out.transpose(-1, -2).reshape(B, -1, H, W)  # (B, h'·d, H, W)
         return self.proj(out)
 
