@@ -400,16 +400,16 @@ _PARAMS = {"qtvit_vit_micro": 569_420, "qtvit_vit_tiny": 5_717_428, "qtvit_vit_s
            "qtvit_vit_base": 86_567_668}
 
 
-def _pretrained_cfg(img_size: int | Sequence[int]) -> dict:
+def _pretrained_cfg(img_size: int | Sequence[int], name: str) -> dict:
     h, w = _pair(img_size)
-    return dict(input_size=(3, h, w), crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN,
+    return dict(architecture=name, input_size=(3, h, w), crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN,
                 std=IMAGENET_STD, num_classes=1000, first_conv="patch_embed.proj", classifier="head")
 
 
 def _card(name: str) -> ModelCard:
     a = _ARCHS[name]
     macs = vit_macs(a["embed_dim"], a["depth"], a["num_heads"], 224, a["patch_size"])  # exact, at 224 px
-    return ModelCard(params=_PARAMS[name], macs_224=macs, pretrained_cfg=_pretrained_cfg(a["img_size"]))
+    return ModelCard(params=_PARAMS[name], macs_224=macs, pretrained_cfg=_pretrained_cfg(a["img_size"], name))
 
 
 def _create(name: str, num_classes: int, kernel: str, img_size, patch_size, drop_path_rate: float,
@@ -419,7 +419,9 @@ def _create(name: str, num_classes: int, kernel: str, img_size, patch_size, drop
     a["patch_size"] = a["patch_size"] if patch_size is None else patch_size
     a.update(kwargs)  # an explicit embed_dim, depth, num_heads, … overrides the architecture's
     model = VisionTransformer(num_classes=num_classes, kernel=kernel, drop_path_rate=drop_path_rate, **a)
-    model.pretrained_cfg = {**_pretrained_cfg(model.img_size), "num_classes": num_classes}
+    # "architecture" names the registered model (as EfficientViT's do), so a saved or exported model
+    # need not be identified from its weights' shapes (a ViT's global_pool leaves no trace in them).
+    model.pretrained_cfg = {**_pretrained_cfg(model.img_size, name), "num_classes": num_classes}
     return model
 
 
