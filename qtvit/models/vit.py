@@ -402,8 +402,9 @@ _PARAMS = {"qtvit_vit_micro": 569_420, "qtvit_vit_tiny": 5_717_428, "qtvit_vit_s
 
 def _pretrained_cfg(img_size: int | Sequence[int], name: str) -> dict:
     h, w = _pair(img_size)
-    return dict(architecture=name, input_size=(3, h, w), crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN,
-                std=IMAGENET_STD, num_classes=1000, first_conv="patch_embed.proj", classifier="head")
+    return dict(architecture=name, input_size=(3, h, w), crop_pct=0.875, interpolation="bicubic",
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000, first_conv="patch_embed.proj",
+                classifier="head")
 
 
 def _card(name: str) -> ModelCard:
