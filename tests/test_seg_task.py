@@ -28,6 +28,8 @@ def test_reduced_budget_demo_writes_metrics_overlay_and_checkpoint(tmp_path):
     for key in ("miou", "macc", "aacc"):
         assert 0.0 <= saved[key] <= 1.0 and saved[key] == metrics[key]
     assert saved["task"] == "segmentation" and saved["global_step"] == 2
+    assert saved["wall_seconds"] > 0 and saved["torch"] == torch.__version__  # provenance of the numbers
+    assert saved["git"] is None or set(saved["git"]) == {"commit", "dirty", "source"}
     overlay = Image.open(out / "overlay.png")
     assert overlay.size[0] > 3 * 128 and overlay.mode == "RGB"
     model = load_run_model(out / "best.pt", demo_config(overrides=TINY))

@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -367,12 +368,20 @@ class Trainer:
                   f"saved {path}. Continue with: {self.command} --output {self.run_dir} --resume", flush=True)
         return FitResult("interrupted", self.run_dir, self.last_metrics, self.epoch, self.global_step, signum)
 
+    def _provenance(self) -> dict:
+        """Where the numbers came from: the code's git commit (and whether the tree was dirty),
+        the command line, torch and the CPU threads, so a results file can be traced to a run."""
+        from ..bench.env import git_commit
+
+        return {"git": git_commit(), "argv": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(self.device)}
+
     def _write_summary(self) -> None:
         """``metrics.json`` (the last evaluation, the best value of the task's metric) and ``curves.png``."""
         summary = {**self.task.summary(self.last_metrics), **self.last_metrics, "task": self.task.name,
                    "metric": self.task.metric, "best_metric": self.best_metric, "epochs": self.epoch,
                    "global_step": self.global_step, "model": self.cfg.model.name,
-                   "classes": len(self.classes)}
+                   "classes": len(self.classes), **self._provenance()}
         write_atomic(self.run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
         try:
             from .plot import plot_curves
