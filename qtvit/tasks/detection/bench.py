@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from ...bench.env import collect_environment, machine_load
+
 VARIANTS = {
     "qt": dict(kernel="qt", ape=True, shortcut=True),
     "relu": dict(kernel="relu", ape=False, shortcut=False),
@@ -71,7 +73,7 @@ def benchmark(backbone: str = "qtvit_b1", size: tuple[int, int] = (800, 1333), r
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    load_start = _load()
+    load_start = machine_load()
     with torch.no_grad():
         for r in range(warmup + repeats):
             for v in variants:
@@ -88,18 +90,10 @@ def benchmark(backbone: str = "qtvit_b1", size: tuple[int, int] = (800, 1333), r
                    "peak_mib": peak_memory_mib(v, backbone, size, dev)}
     for v in variants:
         rows[v]["ratio_to_relu"] = rows[v]["median_s"] / rows["relu"]["median_s"] if "relu" in rows else None
+    env = collect_environment(dev, torch.float32)  # git commit + dirty flag, machine, threads
+    env.update(load_start=load_start, load_end=machine_load())
     return {"backbone": backbone, "input": list(size), "repeats": repeats, "device": str(dev),
-            "threads": torch.get_num_threads(), "load_start": load_start, "load_end": _load(),
-            "variants": rows}
-
-
-def _load() -> list[float] | None:
-    try:
-        import os
-
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
+            "threads": torch.get_num_threads(), "env": env, "variants": rows}
 
 
 __all__ = ["VARIANTS", "benchmark", "build"]

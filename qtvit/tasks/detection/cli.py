@@ -18,6 +18,8 @@ import os
 import time
 from pathlib import Path
 
+from ...io import write_json
+
 OVERRIDE_HELP = "config overrides section.key=value (YAML values), e.g. optim.lr=2e-4 train.amp=bf16"
 DEMO_RECIPE = "det/demo"
 
@@ -167,17 +169,10 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.ema, args.max_images,
                                   args.batch_size, args.device)
     out = Path(args.output or Path(args.checkpoint).parent / "eval.json")
-    _write_json(out, {"checkpoint": str(args.checkpoint), "ema": args.ema, **metrics})
+    write_json({"checkpoint": str(args.checkpoint), "ema": args.ema, **metrics}, out)
     print(f"box AP {metrics['bbox_ap']:.3f} AP50 {metrics['bbox_ap50']:.3f} AP75 {metrics['bbox_ap75']:.3f}  "
           f"mask AP {metrics['segm_ap']:.3f}  ({metrics['images']} images) → {out}")
     return 0
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -201,7 +196,7 @@ def run_predict(args: argparse.Namespace) -> int:
             for label, score, box in zip(pred["labels"][keep].tolist(), pred["scores"][keep].tolist(),
                                          pred["boxes"][keep].tolist(), strict=True)]})
         print(f"{path}: {int(keep.sum())} detections → {target}")
-    _write_json(out_dir / "predictions.json", {"checkpoint": str(args.checkpoint), "images": records})
+    write_json({"checkpoint": str(args.checkpoint), "images": records}, out_dir / "predictions.json")
     return 0
 
 
@@ -231,25 +226,27 @@ def run_params(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['model']:34s} {r['params_qtvit'] / 1e6:11.2f} {r['params_efficientvit'] / 1e6:17.2f}")
     if args.output:
-        _write_json(Path(args.output), {"command": f"qtvit det params --output {args.output}",
-                                        "detectors": rows})
+        write_json({"command": f"qtvit det params --output {args.output}", "detectors": rows},
+                   Path(args.output))
     return 0
 
 
 def run_bench(args: argparse.Namespace) -> int:
     import sys
 
+    from ...bench.env import format_load
     from .bench import benchmark
 
     result = benchmark(args.backbone, tuple(args.size), args.repeats, device=args.device)
     result["command"] = "qtvit " + " ".join(sys.argv[1:])
     print(f"{args.backbone} + FPN at {args.size[0]}×{args.size[1]} on {result['device']} "
-          f"({result['threads']} threads, load {result['load_start']} → {result['load_end']})")
+          f"({result['threads']} threads, load {format_load(result['env']['load_start'])} → "
+          f"{format_load(result['env']['load_end'])})")
     for name, row in result["variants"].items():
         print(f"  {name:8s} {row['median_s'] * 1e3:9.1f} ms  ×{row['ratio_to_relu']:.3f} of relu  "
               f"peak {row['peak_mib']:.0f} MiB")
     if args.output:
-        _write_json(Path(args.output), result)
+        write_json(result, Path(args.output))
     return 0
 
 
@@ -276,7 +273,7 @@ def run_demo(args: argparse.Namespace) -> int:
                "seconds": round(time.perf_counter() - start, 1)}
     metrics_path = run_dir / "metrics.json"
     full = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    _write_json(metrics_path, {**full, **summary})
+    write_json({**full, **summary}, metrics_path)
     print(f"det demo: box AP {m['bbox_ap']:.3f}  AP50 {m['bbox_ap50']:.3f}  mask AP {m['segm_ap']:.3f} in "
           f"{summary['seconds']:.0f} s → {metrics_path}, {png}, {run_dir / 'last.pt'}")
     return 0

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ def register(sub) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from ...bench.env import collect_environment, machine_load
     from ...bench.timing import fmt_mb, fmt_ms, make_peak_meter, time_interleaved
     from ...io import write_atomic
     from ...models import create_model
@@ -58,6 +58,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown model {unknown[0]!r}; valid: {', '.join(MODELS)}")
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    load_start = machine_load()
     nets = {}
     for m in models:
         for k in kernels:
@@ -100,10 +101,10 @@ def run_bench(args: argparse.Namespace) -> int:
             ratios[f"{r['variant']}@{r['size'][0]}x{r['size'][1]}"] = r["median_ms"] / base["median_ms"]
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}× the qt variant's time")
-    out = {"benchmark": "seg", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": str(device),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
-           "processor": platform.processor(), "memory_method": meter.method, "rows": rows,
-           "time_ratio_vs_qt": ratios}
+    env = collect_environment(device, torch.float32)
+    env.update(load_start=load_start, load_end=machine_load())  # a busy machine makes timings say little
+    out = {"benchmark": "seg", "command": " ".join(["qtvit", *sys.argv[1:]]), "env": env,
+           "memory_method": meter.method, "rows": rows, "time_ratio_vs_qt": ratios}
     write_atomic(Path(args.output), json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.output}")
     return 0
