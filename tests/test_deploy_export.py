@@ -154,3 +154,23 @@ def test_export_refuses_bad_requests(tmp_path):
     with pytest.raises(ValueError, match="multiples of 32"):
         export_onnx(model, tmp_path / "m.onnx", sample_size=100)
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize("name, sizes", [
+    ("qtvit_seg_demo", [(64, 128), (96, 160)]),  # fast: the demo's segmentation model, non-square
+    pytest.param("qtvit_1_seghead_ade20k", [(512, 1024)], marks=pytest.mark.slow),  # the issue's case
+])
+def test_segmentation_onnx_parity(name, sizes, tmp_path):
+    """A SegHead model exports with dynamic H, W; onnxruntime's masks logits equal eager PyTorch's."""
+    torch.manual_seed(0)
+    model = perturb(qtvit.create_model(name))
+    path = export_onnx(model, tmp_path / f"{name}.onnx", sample_size=sizes[0])
+    session = _ort_session(path)
+    gen = torch.Generator().manual_seed(2)
+    for h, w in sizes:
+        x = torch.randn(1, 3, h, w, generator=gen)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = session.run(None, {"x": x.numpy()})[0]
+        assert out.shape == ref.shape and out.shape[-2:] == (h // 8, w // 8)  # stride-8 logits
+        assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max(), (name, h, w)

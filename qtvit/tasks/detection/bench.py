@@ -2,17 +2,14 @@
 softmax twins (same widths; the twins drop the APE and the value shortcut as EfficientViT does).
 
 Variants are timed interleaved (variant A, B, C, A, B, C, ...) so machine noise hits all of them
-alike; the ratios to the ReLU twin are the meaningful numbers. Peak memory: on CUDA the allocator's
-peak during one forward; on CPU the growth of the process's peak resident set during one forward,
-measured in a fresh process per variant.
+alike; the ratios to the ReLU twin are the meaningful numbers. Timing and peak memory use
+the shared benchmark helpers (:mod:`qtvit.bench.timing`): on CUDA the allocator's peak during one
+forward, on a Linux CPU the rise of the process's peak resident set (reset before each variant).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import resource
 import statistics
-import time
 
 import torch
 
@@ -32,68 +29,40 @@ def build(variant: str, backbone: str = "qtvit_b1") -> torch.nn.Module:
     return build_fpn_backbone(backbone, **VARIANTS[variant]).eval()
 
 
-def _cpu_peak(variant: str, backbone: str, size: tuple[int, int], queue) -> None:
-    model = build(variant, backbone)
-    x = torch.rand(1, 3, *size)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with torch.no_grad():
-        model(x)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)  # KiB → MiB
-
-
-def peak_memory_mib(variant: str, backbone: str, size: tuple[int, int], device: torch.device) -> float:
-    if device.type == "cuda":
-        model = build(variant, backbone).to(device)
-        x = torch.rand(1, 3, *size, device=device)
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        with torch.no_grad():
-            model(x)
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_cpu_peak, args=(variant, backbone, size, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
-    return float(value)
-
-
 def benchmark(backbone: str = "qtvit_b1", size: tuple[int, int] = (800, 1333), repeats: int = 5,
               warmup: int = 1, device: str = "cpu", variants=tuple(VARIANTS)) -> dict:
     """Median forward seconds per variant (interleaved), ratios to ``relu`` and peak memory."""
+    from ...bench.timing import make_peak_meter, time_interleaved
+
     dev = torch.device(device)
     models = {v: build(v, backbone).to(dev) for v in variants}
     x = torch.rand(1, 3, *size, device=dev)
-    times: dict[str, list[float]] = {v: [] for v in variants}
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+    def call(model):
+        def forward():
+            with torch.no_grad():
+                return model(x)
+        return forward
 
+    fns = {v: call(m) for v, m in models.items()}
     load_start = machine_load()
-    with torch.no_grad():
-        for r in range(warmup + repeats):
-            for v in variants:
-                sync()
-                t0 = time.perf_counter()
-                models[v](x)
-                sync()
-                if r >= warmup:
-                    times[v].append(time.perf_counter() - t0)
-    del models
+    # every variant gets `repeats` single-call samples, whatever they cost (variant_seconds huge)
+    timed = time_interleaved(fns, device=dev, warmup=warmup, repeats=repeats, min_repeats=repeats,
+                             min_sample_seconds=0.0, variant_seconds=1e9)
+    meter = make_peak_meter(dev)  # allocator peak on CUDA; rise of the peak RSS on a Linux CPU
     rows = {}
     for v in variants:
-        rows[v] = {"median_s": statistics.median(times[v]), "times_s": times[v],
-                   "peak_mib": peak_memory_mib(v, backbone, size, dev)}
+        times = timed.samples[v].times
+        peak = meter.measure(fns[v])
+        rows[v] = {"median_s": statistics.median(times), "times_s": times,
+                   "peak_mib": peak / 2**20 if peak is not None else None}
     for v in variants:
         rows[v]["ratio_to_relu"] = rows[v]["median_s"] / rows["relu"]["median_s"] if "relu" in rows else None
     env = collect_environment(dev, torch.float32)  # git commit + dirty flag, machine, threads
     env.update(load_start=load_start, load_end=machine_load())
     return {"backbone": backbone, "input": list(size), "repeats": repeats, "device": str(dev),
-            "threads": torch.get_num_threads(), "env": env, "variants": rows}
+            "threads": torch.get_num_threads(), "memory_method": meter.method, "env": env,
+            "variants": rows}
 
 
 __all__ = ["VARIANTS", "benchmark", "build"]

@@ -235,6 +235,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import sys
 
     from ...bench.env import format_load
+    from ...bench.timing import fmt_mb
     from .bench import benchmark
 
     result = benchmark(args.backbone, tuple(args.size), args.repeats, device=args.device)
@@ -244,7 +245,7 @@ def run_bench(args: argparse.Namespace) -> int:
           f"{format_load(result['env']['load_end'])})")
     for name, row in result["variants"].items():
         print(f"  {name:8s} {row['median_s'] * 1e3:9.1f} ms  ×{row['ratio_to_relu']:.3f} of relu  "
-              f"peak {row['peak_mib']:.0f} MiB")
+              f"peak {fmt_mb(row['peak_mib'])} MiB")
     if args.output:
         write_json(result, Path(args.output))
     return 0
