@@ -13,7 +13,6 @@ before and after, so a noisy run can be recognised.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -55,17 +54,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--onnx", action="store_true", help="also time both models in onnxruntime")
+    p.add_argument("--onnx", action="store_true",
+                   help="also time qtvit (fused export), its ReLU twin and timm's model in onnxruntime")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the fused qtvit model, its fused ReLU twin and timm's model under "
+                        "torch.compile (inductor, default mode)")
     p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import qtvit  # noqa: F401
+    from qtvit.bench.env import collect_environment, machine_load
     from qtvit.io import write_json
 
-    load_before = os.getloadavg()
+    load_before = machine_load()
     models = _variants(args.model, args.timm_model)
     runners = {name: (lambda x, m=m: m(x)) for name, m in models.items()}
+    twin, timm_eager = f"{args.model} relu twin fused", f"timm {args.timm_model} eager"
+    if args.compile:  # the same treatment for all three; compiled once per batch size (static shapes)
+        for name in (f"{args.model} fused", twin, timm_eager):
+            label = name.replace(" eager", "").replace(" fused", "") + " compiled"
+            runners[label] = torch.compile(models[name])
     if args.onnx:
         import onnxruntime as ort
 
@@ -74,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tempfile.mkdtemp())
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
-        for name in (f"{args.model} fused", f"timm {args.timm_model} eager"):
+        for name in (f"{args.model} fused", twin, timm_eager):
             path = tmp / (name.replace(" ", "_") + ".onnx")
             if name.startswith("timm"):  # timm's model through the same exporter, dynamic batch only
                 x = torch.randn(2, 3, args.size, args.size)
                 torch.onnx.export(models[name], (x,), str(path), dynamo=True, opset_version=18,
                                   input_names=["x"], dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
-            else:
-                export_onnx(models[f"{args.model} eager"], path)
+            else:  # export_onnx fuses the model itself
+                export_onnx(models[name.replace(" fused", " eager")] if name != twin else models[twin], path)
             sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             label = name.replace(" eager", "").replace(" fused", "") + " onnxruntime"
             runners[label] = lambda x, s=sess: s.run(None, {"x": x.numpy()})
@@ -100,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"variant": name, "batch": batch, "size": args.size, "ms": round(ms, 3)})
                 print(f"batch {batch:3d}  {name:40s} {ms:9.2f} ms")
     cli_args = argv if argv is not None else sys.argv[1:]
+    env = collect_environment(torch.device("cpu"), torch.float32)  # git commit + dirty flag, machine
+    env.update(load_start=load_before, load_end=machine_load())
     doc = {"command": "python -m qtvit.deploy.speed " + " ".join(cli_args),
-           "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "results": results}
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "env": env, "results": results}
     if args.output:
         write_json(doc, args.output)
         print(f"wrote {args.output}")

@@ -73,15 +73,21 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def load_training_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by the trainer (weights only: nothing is unpickled beyond tensors)."""
+def read_checkpoint_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` of a file, weights only (nothing is unpickled beyond tensors), on the CPU; a
+    missing file or one that does not load stops with one line naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is the file's fault
         raise QtvitError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by the trainer (weights only: nothing is unpickled beyond tensors)."""
+    ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or not ckpt.get("qtvit_train_checkpoint"):
         raise QtvitError(f"{path} is not a qtvit training checkpoint (no training state to resume from)")
     return ckpt

@@ -123,13 +123,9 @@ def build_detection_model(m: DetModelConfig, num_classes: int, aug: DetAugConfig
 
 def load_detector_weights(model: nn.Module, path: str | Path, use_ema: bool = False) -> None:
     """Load a detector state dict: a training checkpoint's (``model``/``ema``) or a plain one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is the file's fault
-        raise QtvitError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    from ...train.state import read_checkpoint_file
+
+    ckpt = read_checkpoint_file(path)
     if isinstance(ckpt, dict) and ckpt.get("qtvit_train_checkpoint"):
         if use_ema and ckpt.get("ema") is None:
             raise QtvitError(f"{path} has no EMA weights (trained with train.ema=false)")
