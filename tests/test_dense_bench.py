@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from qtvit.cli import main
 
 
-def test_seg_bench_writes_rows_ratios_and_environment(tmp_path, capsys):
+@pytest.mark.parametrize("command", [["seg", "bench"], ["bench", "seg"]])
+def test_seg_bench_writes_rows_ratios_and_environment(command, tmp_path, capsys):
     out = tmp_path / "seg.json"
-    assert main(["seg", "bench", "--models", "seghead", "--kernels", "qt,relu", "--sizes", "32x64",
+    assert main([*command, "--models", "seghead", "--kernels", "qt,relu", "--sizes", "32x64",
                  "--repeats", "2", "--threads", "1", "--output", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert [r["variant"] for r in doc["rows"]] == ["seghead/qt", "seghead/relu"]

@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench_subparsers = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     for module_name in BENCH_MODULES:
         importlib.import_module(module_name).register(bench_subparsers)
+    # `qtvit bench seg` is `qtvit seg bench`: one implementation, listed with the other benchmarks
+    importlib.import_module("qtvit.tasks.segmentation.bench").register(bench_subparsers, name="seg")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 

@@ -31,8 +31,9 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="time segmentation models at high resolution (qt vs ReLU vs softmax)")
+def register(sub, name: str = "bench") -> None:
+    """Add the benchmark as ``name`` under ``sub`` (``qtvit seg bench`` and ``qtvit bench seg``)."""
+    p = sub.add_parser(name, help="time segmentation models at high resolution (qt vs ReLU vs softmax)")
     p.add_argument("--models", default="seghead,upernet", help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--kernels", default=",".join(KERNELS), help="comma list of attention kernels")
     p.add_argument("--sizes", type=lambda s: [_size(t) for t in s.split(",")],
