@@ -19,7 +19,7 @@ import torch
 from qtvit.bench import attention, models, pareto
 from qtvit.bench import env as bench_env
 from qtvit.bench.attention import QUICK, AttentionBenchConfig, build_variants, run_attention_benchmark
-from qtvit.bench.cli import argv_from_args, config_from_args, field_kind, show_value
+from qtvit.bench.cli import argv_from_args, config_from_args, config_helps, field_kind, show_value
 from qtvit.bench.runner import BenchConfig, Job, Sweep, fit_predict
 from qtvit.bench.timing import RssHighWaterMeter, time_interleaved
 from qtvit.cli import main
@@ -253,7 +253,7 @@ def test_cli_writes_json_and_prints_the_table(tmp_path, capsys, monkeypatch):
     (["--kernels", "relu,nope"], "unknown attention kernel 'nope'"),
     (["--impls", "linear,fast"], "impls: fast not valid"),
     (["--tokens", "64,abc"], "--tokens: 'abc' is not an integer"),
-    (["--head-dims", "0"], "head_dims: need positive integers"),
+    (["--head-dims", "0"], "head_dims must be ≥ 1"),
     (["--repeats", "0"], "repeats must be ≥ 1"),
     (["--threads", "0"], "threads must be ≥ 1"),
     (["--max-seconds", "soon"], "--max-seconds: 'soon' is not a number"),
@@ -270,19 +270,19 @@ def test_generated_flags_cover_their_fields_and_round_trip(module):
     """Every flag names a config field; giving each its default's text reproduces the default config."""
     config_class = type(module.QUICK)
     parser = module.register(argparse.ArgumentParser().add_subparsers())
-    fields = set(config_class.__dataclass_fields__)
-    assert set(module.HELPS) <= fields
+    fields, helps = set(config_class.__dataclass_fields__), config_helps(config_class)
+    assert set(helps) <= fields
     default, hints = config_class(), typing.get_type_hints(config_class)
     argv = []
-    for name in module.HELPS:
+    for name in helps:
         value = getattr(default, name)
         kind = field_kind(hints[name])
         if kind != "bool" and value is not None:  # switches only flip a default: below
             argv += ["--" + name.replace("_", "-"), show_value(value, kind)]
-    assert config_from_args(default, parser.parse_args(argv), module.HELPS) == default
-    switches = [name for name in module.HELPS if isinstance(getattr(default, name), bool)]
+    assert config_from_args(default, parser.parse_args(argv), helps) == default
+    switches = [name for name in helps if isinstance(getattr(default, name), bool)]
     flipped = config_from_args(default, parser.parse_args(
-        [("--no-" if getattr(default, n) else "--") + n.replace("_", "-") for n in switches]), module.HELPS)
+        [("--no-" if getattr(default, n) else "--") + n.replace("_", "-") for n in switches]), helps)
     assert all(getattr(flipped, n) is not getattr(default, n) for n in switches)
 
 

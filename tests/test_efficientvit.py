@@ -322,8 +322,14 @@ def test_bad_inputs(b0):
         b0(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match="expected 3 input channels, got 4"):
         b0(torch.randn(1, 4, 64, 64))
-    with pytest.raises(ValueError, match="input size 16×48 is too small"):
+    with pytest.raises(ValueError, match="input size 16×48 is too small.*at least 32×32"):
         b0(torch.randn(1, 3, 16, 48))
+    # the smallest input follows the layout's total stride (here 8), not the default 32
+    stride8 = EfficientViT(widths=(8, 16, 16, 16, 16), depths=(1, 1, 1, 1, 1), head_dim=8, num_classes=2,
+                           strides=(2, 2, 2, 1, 1), img_size=16).eval()
+    assert stride8(torch.randn(1, 3, 16, 48)).shape == (1, 2)
+    with pytest.raises(ValueError, match="input size 4×48 is too small.*at least 8×8"):
+        stride8(torch.randn(1, 3, 4, 48))
     with pytest.raises(ValueError, match="unknown style 'x'"):
         EfficientViT(style="x")
     with pytest.raises(ValueError, match="not a multiple of head_dim=24"):

@@ -168,7 +168,7 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, capsys):
     (["--kernels", "taylor2_pool:poool=2"], "unknown parameter(s) poool; valid: pool, scaling"),
     (["--kernels", "relu,relu"], "a kernel is listed twice"),
     (["--kernels", ""], "--kernels: empty list"),
-    (["--seeds", "0,x"], "--seeds: '0,x' is not a comma-separated list of integers"),
+    (["--seeds", "0,x"], "--seeds: 'x' is not an integer"),
     (["--data", "no/such/folder"], "neither demo, fashion-mnist[:DIR] nor an existing folder"),
     (["--model", "qtvit_b9"], "unknown model 'qtvit_b9'; valid models: "),
     (["train.epochz=3"], "unknown key train.epochz"),
@@ -315,7 +315,7 @@ def test_study_recipe_gives_attention_8x8_tokens_by_a_finer_stride():
     cfg = rp.base_config(rp.ReproConfig(), rp.Dataset("demo"))
     assert cfg.model.kwargs["img_size"] == 64 and cfg.aug.train_sizes == [64]
     assert cfg.data.demo_image_size == 64
-    assert rp._attention_grids(cfg) == "8×8, 8×8"
+    assert rp.model_facts(cfg, 4)["tokens"] == "8×8, 8×8"
     model = _study_model("qt")
     assert [f["reduction"] for f in model.feature_info] == [4, 8, 8, 8]
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 4)

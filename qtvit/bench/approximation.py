@@ -1,67 +1,36 @@
-"""``qtvit bench approximation``: how close is each kernel's attention to softmax's?
-
-For queries/keys/values q, k, v (B, H, N, d) the reference is softmax attention: rows
-p_i = softmax_j(q_i·k_j/√d), output PV. Each kernel gives coefficient rows a_i, the weights
-with which v_j enters its output:
-  * normalised kernels (all but cosine and mean): a_ij = w_ij / Σ_j w_ij, w from the kernel's
-    dense reference ``get_kernel(name).pairwise``. A row whose total weight is ≤ 0 (ReLU with
-    no overlap) has no distribution; it is counted in ``degenerate_fraction`` and taken as
-    uniform for KL and TV (the layer itself outputs ≈ 0 there, which the output error sees);
-  * unnormalised kernels (cosine: a = w/M; mean: a = q·k/M): a_ij = scale · w_ij, as in the
-    kernel's output; these rows are not distributions (they can be negative, need not sum to 1).
-
-Metrics, averaged over all rows (images, heads, queries):
-  * ``tv``: ½ Σ_j |p_ij − a_ij| — the total-variation distance when a_i is a distribution; for
-    signed or unnormalised rows the same formula (half the L1 distance of the coefficients);
-  * ``kl``: KL(p_i ‖ a_i) = Σ_j p_ij log(p_ij / a_ij), only where every a_i is a distribution
-    (normalised and no negative weight in this data): ``kl`` is null for cosine and mean, and for
-    kernels whose weights went negative here (taylor2_random; the reduced taylor2 variants and
-    qt_paper with β ≠ 0 can too), with ``kl_note`` saying why. a_ij is floored at 1e-12 so an
-    exact zero (ReLU) gives a large finite value instead of infinity;
-  * ``out_rel_err``: ‖out − PV‖ / ‖PV‖ with out = ``qtvit.attention(q, k, v, kernel,
-    impl="dense")``, the kernel's real output: defined for every kernel;
-  * ``negative_fraction``: share of weights w_ij < 0.
-
-Two sources of q/k/v:
-  (a) ``random``: i.i.d. normal q, k with variance √(scale), so the scores s = q·k/√d have std
-      ``scale`` (taylor2 = 1 + s + s²/2 matches exp(s) up to O(s³): close at small scale,
-      apart at large), v standard normal; float64.
-  (b) ``trained``: a tiny softmax ViT (``qtvit_vit_micro`` with ``kernel="softmax"``, 32 px,
-      patch 4) trained for a short run on a synthetic task that needs attention (or loaded with
-      ``checkpoint``); forward hooks on every block's ``attn.qkv`` give its q, k, v on
-      validation images, compared per block in float64. The task (:func:`pair_images`): two
-      coloured patch-sized squares at random cells of a noisy image; the label says whether
-      their colours match. Neither square alone tells, and they can be anywhere, so the model
-      must relate two distant tokens — what attention is for. It reaches ~100% validation
-      accuracy within the default 500 steps (a couple of minutes on 2 CPU cores).
-The kernels' learnable parameters (qt's ``const``, qt_paper's α, β, γ) are at their initial
-values: the question is how well each kernel, as defined, imitates softmax on the same q/k.
-"""
+"""``qtvit bench approximation``: how close is each kernel's attention to softmax's? (docs/BENCHMARKS.md)"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import fmean
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import QtvitError
-from ..io import write_json
+from ..io import atomic_output, write_json
 from ..kernels import attention, get_kernel, list_kernels
-from ..models import create_model
+from ..models import create_model, read_state_dict
+from ..train.evaluate import evaluate as evaluate_classifier
 from ..train.task import Task
 from . import env as bench_env
+from .cli import add_benchmark, flag
+from .plots import plot_approximation
+from .runner import Echo, check, error_text, format_grid
 
 SCHEMA_VERSION = 1
 KL_FLOOR = 1e-12  # floor on a_ij inside KL(p‖a): an exact zero gives a large finite value
-Echo = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -77,18 +46,39 @@ class KernelCase:
         # the seed of taylor2_random and a reduction's default scaling stay out of the label
         fixed = {n: v for n, v in kern.resolve_params(self.params).items() if n not in kern.learnable
                  and n != "seed" and not (n == "scaling" and v == kern.params[n])}
-        if not fixed:
-            return self.kernel
-        return self.kernel + "(" + ", ".join(f"{n}={v}" for n, v in fixed.items()) + ")"
+        return self.kernel + ("(" + ", ".join(f"{n}={v}" for n, v in fixed.items()) + ")" if fixed else "")
+
+    @property
+    def text(self) -> str:
+        """The command-line form :meth:`parse` reads back, e.g. ``taylor2_chunk:chunks=4``."""
+        params = ";".join(f"{k}={v}" for k, v in self.params.items())
+        return self.kernel + (f":{params}" if params else "")
+
+    @staticmethod
+    def parse(text: str) -> KernelCase:
+        """``"taylor2_chunk"`` or ``"taylor2_chunk:chunks=4"`` → a case (unknown names, parameters raise)."""
+        name, _, rest = text.partition(":")
+        kern = get_kernel(name.strip())  # raises, listing the valid kernels
+        params: dict[str, object] = {}
+        for item in filter(None, (s.strip() for s in rest.split(";"))):
+            key, eq, value = (s.strip() for s in item.partition("="))
+            if not eq:
+                raise ValueError(f"kernel parameter {item!r}: use name=value (e.g. taylor2_pool:pool=4)")
+            try:
+                params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+            except ValueError:  # a word (scaling=preserve)
+                params[key] = value
+        kern.resolve_params(params)  # unknown parameters raise
+        return KernelCase(kern.name, params)
 
 
+parse_case = KernelCase.parse
 REDUCTION_SETTINGS = {"taylor2_pool": ({"pool": 2}, {"pool": 4}),
                       "taylor2_chunk": ({"chunks": 2}, {"chunks": 4}, {"chunks": 8}), "taylor2_random": ({},)}
 
 
 def default_cases() -> list[KernelCase]:
-    """Every registered kernel but the ``none`` control at its defaults; the taylor2 reductions at each
-    Table-3 setting (pool 2, 4; chunks 2, 4, 8) in both scalings (``mean`` and ``preserve``)."""
+    """Every registered kernel but the ``none`` control, and Table 3's taylor2 reductions in both scalings."""
     out = []
     for name in list_kernels():
         if name == "none":  # zero rows: nothing to compare
@@ -98,35 +88,10 @@ def default_cases() -> list[KernelCase]:
     return out
 
 
-def parse_case(text: str) -> KernelCase:
-    """``"taylor2_chunk"`` or ``"taylor2_chunk:chunks=4"`` → a :class:`KernelCase` (unknown names raise)."""
-    name, _, rest = text.partition(":")
-    kern = get_kernel(name.strip())  # raises, listing the valid kernels
-    params: dict[str, object] = {}
-    for item in filter(None, (s.strip() for s in rest.split(";"))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"kernel parameter {item!r}: use name=value (e.g. taylor2_pool:pool=4)")
-        try:
-            value = value.strip()
-            params[key.strip()] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:  # a word (scaling=preserve)
-            params[key.strip()] = value
-    kern.resolve_params(params)  # unknown parameters raise
-    return KernelCase(kern.name, params)
-
-
-# ------------------------------------------------------------------------------------ metrics
-
-
 @torch.no_grad()
 def attention_distances(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: KernelCase) -> dict:
-    """Distances between ``case``'s attention and softmax's on q, k (B, H, N, d), v (B, H, N, e).
-
-    Computed in float64. Returns ``kl`` (None unless every row is a distribution), ``kl_note``,
-    ``tv``, ``tv_max``, ``out_rel_err``, ``negative_fraction``, ``degenerate_fraction`` and
-    ``kind`` (``distribution``, ``signed`` or ``unnormalised``); see the module docstring.
-    """
+    """Distances (docs/BENCHMARKS.md) between ``case``'s attention and softmax's on q, k (B, H, N, d),
+    v (B, H, N, e), in float64; ``kind`` is ``distribution``, ``signed`` or ``unnormalised``."""
     q, k, v = q.double(), k.double(), v.double()
     kern = get_kernel(case.kernel)
     params = kern.resolve_params(case.params)
@@ -134,10 +99,8 @@ def attention_distances(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case:
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, N, M)
     p = torch.softmax(scores, dim=-1)
     reference = p @ v
-    if kern.name == "softmax":
-        w = p  # exp(s) normalised; the same rows without overflowing exp at large scales
-    else:
-        w = kern.pairwise(q, k, **params)
+    # softmax: p itself, exp(s) normalised without overflowing exp at large scales
+    w = p if kern.name == "softmax" else kern.pairwise(q, k, **params)
     negative = float((w < 0).double().mean())
     degenerate = torch.zeros(w.shape[:-1], dtype=torch.bool)
     if kern.normalized:
@@ -152,20 +115,16 @@ def attention_distances(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case:
     tv = 0.5 * (p - a).abs().sum(-1)  # (B, H, N)
     t2 = get_kernel("taylor2").pairwise(q, k)  # taylor2's rows: positive, so distributions
     tv_taylor2 = 0.5 * (t2 / t2.sum(-1, keepdim=True) - a).abs().sum(-1)
-    kl, note = None, None
-    if kind == "distribution":
-        kl_rows = (p * (torch.log(p.clamp_min(1e-300)) - torch.log(a.clamp_min(KL_FLOOR)))).sum(-1)
-        kl = float(kl_rows.mean())
-    elif kind == "signed":
-        note = f"not a distribution: {negative:.2%} of the weights are negative"
-    else:
-        note = "unnormalised kernel: its coefficient rows are not distributions"
+    notes = {"signed": f"not a distribution: {negative:.2%} of the weights are negative",
+             "unnormalised": "unnormalised kernel: its coefficient rows are not distributions"}
+    kl = (float((p * (torch.log(p.clamp_min(1e-300)) - torch.log(a.clamp_min(KL_FLOOR)))).sum(-1).mean())
+          if kind == "distribution" else None)
     out = attention(q, k, v, case.kernel, impl="dense", **params)
     norm = torch.linalg.vector_norm
     err = float(norm(out - reference) / norm(reference).clamp_min(1e-300))
-    return {"kind": kind, "kl": kl, "kl_note": note, "tv": float(tv.mean()), "tv_max": float(tv.max()),
-            "out_rel_err": err, "negative_fraction": negative, "tv_taylor2": float(tv_taylor2.mean()),
-            "degenerate_fraction": float(degenerate.double().mean())}
+    return {"kind": kind, "kl": kl, "kl_note": notes.get(kind), "tv": float(tv.mean()),
+            "tv_max": float(tv.max()), "out_rel_err": err, "negative_fraction": negative,
+            "tv_taylor2": float(tv_taylor2.mean()), "degenerate_fraction": float(degenerate.double().mean())}
 
 
 def _case_entry(case: KernelCase) -> dict:
@@ -176,8 +135,7 @@ def _safe_distances(q, k, v, case: KernelCase) -> dict:
     try:
         return attention_distances(q, k, v, case)
     except (ValueError, RuntimeError, TypeError) as err:  # e.g. pool/chunks not dividing the head dim
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return {"error": f"{type(err).__name__}: {text[:200]}"}
+        return {"error": error_text(err)}
 
 
 def random_study(cases: Sequence[KernelCase], scales: Sequence[float], batch: int = 2, heads: int = 4,
@@ -187,18 +145,12 @@ def random_study(cases: Sequence[KernelCase], scales: Sequence[float], batch: in
     for scale in scales:
         g = torch.Generator().manual_seed(seed + int(scale * 1000))
         sigma = math.sqrt(scale)  # Var(q·k/√d) = σ⁴ for i.i.d. N(0, σ²) entries, so std(s) = σ²
-        shape = (batch, heads, tokens, head_dim)
-        q = torch.randn(shape, generator=g, dtype=torch.float64) * sigma
-        k = torch.randn(shape, generator=g, dtype=torch.float64) * sigma
-        v = torch.randn(shape, generator=g, dtype=torch.float64)
+        q, k, v = (torch.randn(batch, heads, tokens, head_dim, generator=g, dtype=torch.float64) * std
+                   for std in (sigma, sigma, 1.0))
         score_std = float((q @ k.transpose(-1, -2) / math.sqrt(head_dim)).std())
-        for case in cases:
-            rows.append({**_case_entry(case), "scale": scale, "score_std": score_std,
-                         **_safe_distances(q, k, v, case)})
+        rows += [{**_case_entry(case), "scale": scale, "score_std": score_std,
+                  **_safe_distances(q, k, v, case)} for case in cases]
     return rows
-
-
-# ------------------------------------------------------------------------------ trained model
 
 
 # Colours of the squares (RGB in the normalised input scale); the background is N(0, 0.3²) noise.
@@ -207,12 +159,8 @@ PAIR_CLASSES = 2
 
 
 def pair_images(n: int, image_size: int, patch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The synthetic relation task: images (n, 3, S, S) and labels (n,), 1 = the two squares match.
-
-    Each image is noise with two squares of side ``patch_size`` on distinct cells of the patch
-    grid, coloured from :data:`PAIR_COLOURS`; labels alternate 0, 1 (exactly balanced). The same
-    (n, size, seed) always gives the same tensors.
-    """
+    """The relation task: images (n, 3, S, S) of noise with two squares on distinct patch cells, coloured
+    from :data:`PAIR_COLOURS`, and labels (n,), 1 = same colour, alternating 0, 1; deterministic."""
     g = torch.Generator().manual_seed(seed)
     grid = image_size // patch_size
     if grid * grid < 2:
@@ -232,8 +180,7 @@ def pair_images(n: int, image_size: int, patch_size: int, seed: int) -> tuple[to
 
 
 class PairTask(Task):
-    """The pair task (:func:`pair_images`) for the project's Trainer: tensors in memory, cross-entropy,
-    validation accuracy. ``approx`` is the study's :class:`ApproximationConfig`."""
+    """The pair task (:func:`pair_images`) for the project's Trainer; ``approx``: the study's config."""
 
     name = "approximation-pairs"
     metric = "top1"
@@ -243,22 +190,19 @@ class PairTask(Task):
         self.approx = approx
 
     def load_data(self, seed: int) -> list[str]:
-        a = self.approx
-        self.train = pair_images(a.train_images, a.image_size, a.patch_size, seed)
-        self.val = pair_images(a.eval_images, a.image_size, a.patch_size, seed + 1)
+        self.train, self.val = (pair_images(n, self.approx.image_size, self.approx.patch_size, seed + i)
+                                for i, n in enumerate((self.approx.train_images, self.approx.eval_images)))
         return ["differ", "match"]
 
     def build_model(self, num_classes: int) -> nn.Module:
-        a = self.approx
-        return create_model(a.model, kernel="softmax", num_classes=num_classes, img_size=a.image_size,
-                            patch_size=a.patch_size)
+        return create_model(self.approx.model, kernel="softmax", num_classes=num_classes,
+                            img_size=self.approx.image_size, patch_size=self.approx.patch_size)
 
     def train_dataset(self, model: nn.Module):
-        x, y = self.train
-        return _KeyedPairs(x, y)
+        return _KeyedPairs(*self.train)
 
-    def val_dataset(self, model: nn.Module):
-        return torch.utils.data.TensorDataset(*self.val)
+    def val_dataset(self, model: nn.Module):  # (image, label, bad) as the Trainer's evaluate() reads
+        return torch.utils.data.TensorDataset(*self.val, torch.zeros(len(self.val[1]), dtype=torch.long))
 
     def train_sizes(self) -> list[int]:
         return [self.approx.image_size]
@@ -267,35 +211,19 @@ class PairTask(Task):
         x, y = batch
         return F.cross_entropy(net(x), y)
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, amp_dtype) -> dict:
-        hits = total = 0
-        for x, y in loader:
-            hits += int((model(x.to(self.device)).argmax(-1).cpu() == y).sum())
-            total += len(y)
-        return {"top1": 100.0 * hits / max(1, total), "images": total}
+        return evaluate_classifier(model, loader, self.device, self.info, amp_dtype)
 
 
-class _KeyedPairs(torch.utils.data.Dataset):
+class _KeyedPairs(torch.utils.data.TensorDataset):
     """Tensors indexed by the Trainer's sampler keys (index, size, seed); no augmentation."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
     def __getitem__(self, key):
-        index = key[0] if isinstance(key, tuple) else key
-        return self.x[index], self.y[index]
+        return super().__getitem__(key[0] if isinstance(key, tuple) else key)
 
 
-def train_softmax_vit(config: ApproximationConfig, log: Echo | None = None) -> tuple[nn.Module, dict]:
-    """Train ``config.model`` with softmax attention on :func:`pair_images` for ``train_steps`` AdamW steps
-    with the project's Trainer (warm-up over the first 10%, then cosine decay; run folder in a
-    temporary directory)."""
-    import tempfile
-
+def train_softmax_vit(config: ApproximationConfig) -> tuple[nn.Module, dict]:
+    """Train ``config.model`` with softmax attention on :func:`pair_images` with the project's Trainer."""
     from ..train.config import load_config
     from ..train.trainer import Trainer
 
@@ -326,8 +254,6 @@ def train_softmax_vit(config: ApproximationConfig, log: Echo | None = None) -> t
 
 def load_softmax_vit(config: ApproximationConfig, path: str | Path) -> tuple[nn.Module, dict]:
     """A softmax ViT from a state dict; class count, patch and image size are read from its shapes."""
-    from ..models import read_state_dict
-
     sd = read_state_dict(path)
     try:
         patch = int(sd["patch_embed.proj.weight"].shape[-1])
@@ -349,27 +275,19 @@ def load_softmax_vit(config: ApproximationConfig, path: str | Path) -> tuple[nn.
 @torch.no_grad()
 def capture_qkv(model: nn.Module, images: torch.Tensor
                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(q, k, v) of every block's attention, each (B, H, T, d), via forward hooks on ``attn.qkv``.
-
-    Follows ``KernelAttention``/timm's layout: qkv(x) (B, T, 3·H·d) → (3, B, H, T, d), then the
-    module's ``q_norm``/``k_norm``.
-    """
+    """(q, k, v) of every block's attention, each (B, H, T, d), via forward hooks on ``attn.qkv`` (the
+    ``KernelAttention``/timm layout: (B, T, 3·H·d) → (3, B, H, T, d), then ``q_norm``/``k_norm``)."""
     blocks = getattr(model, "blocks", None)
     if blocks is None or not all(hasattr(getattr(b, "attn", None), "qkv") for b in blocks):
         raise ValueError(f"{type(model).__name__} has no blocks[i].attn.qkv to hook")
     captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    handles = []
 
-    def hook(attn: nn.Module):
-        def fn(_module, _inputs, out: torch.Tensor) -> None:
-            B, T, _ = out.shape
-            qkv = out.reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)  # each (B, H, T, d)
-            captured.append((attn.q_norm(q), attn.k_norm(k), v))
-        return fn
+    def hook(_module, _inputs, out: torch.Tensor, attn: nn.Module) -> None:
+        B, T, _ = out.shape
+        q, k, v = out.reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        captured.append((attn.q_norm(q), attn.k_norm(k), v))
 
-    for blk in blocks:
-        handles.append(blk.attn.qkv.register_forward_hook(hook(blk.attn)))
+    handles = [blk.attn.qkv.register_forward_hook(functools.partial(hook, attn=blk.attn)) for blk in blocks]
     try:
         model.eval()
         model(images)
@@ -386,43 +304,41 @@ def trained_study(cases: Sequence[KernelCase], model: nn.Module, images: torch.T
         score_std = float((q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])).std())
         blocks.append({"block": i, "score_std": score_std,
                        "cases": [{**_case_entry(c), **_safe_distances(q, k, v, c)} for c in cases]})
-    summary = []
-    for j, case in enumerate(cases):
-        per_block = [b["cases"][j] for b in blocks]
-        entry = {**_case_entry(case)}
-        if any("error" in e for e in per_block):
-            entry["error"] = next(e["error"] for e in per_block if "error" in e)
-        else:
-            for key in ("tv", "tv_taylor2", "out_rel_err", "negative_fraction", "degenerate_fraction"):
-                entry[key] = sum(e[key] for e in per_block) / len(per_block)
-            entry["tv_max"] = max(e["tv_max"] for e in per_block)
-            kls = [e["kl"] for e in per_block]
-            entry["kl"] = None if any(x is None for x in kls) else sum(kls) / len(kls)
-            entry["kl_note"] = next((e["kl_note"] for e in per_block if e["kl_note"]), None)
-            kinds = {e["kind"] for e in per_block}
-            entry["kind"] = kinds.pop() if len(kinds) == 1 else "signed"
-        summary.append(entry)
+    summary = [_summarise(case, [b["cases"][j] for b in blocks]) for j, case in enumerate(cases)]
     stds = [b["score_std"] for b in blocks]
-    return {"blocks": blocks, "summary": summary, "score_std_mean": sum(stds) / len(stds) if stds else None}
+    return {"blocks": blocks, "summary": summary, "score_std_mean": fmean(stds) if stds else None}
 
 
-# ----------------------------------------------------------------------------------- running
+def _summarise(case: KernelCase, per_block: list[dict]) -> dict:
+    """One case over the blocks: means (KL only where every block has one), worst TV, the first error."""
+    errors = [e["error"] for e in per_block if "error" in e]
+    if errors:
+        return {**_case_entry(case), "error": errors[0]}
+    kls, kinds = [e["kl"] for e in per_block], {e["kind"] for e in per_block}
+    means = ("tv", "tv_taylor2", "out_rel_err", "negative_fraction", "degenerate_fraction")
+    return {**_case_entry(case), **{key: fmean(e[key] for e in per_block) for key in means},
+            "tv_max": max(e["tv_max"] for e in per_block), "kl": None if None in kls else fmean(kls),
+            "kl_note": next((e["kl_note"] for e in per_block if e["kl_note"]), None),
+            "kind": kinds.pop() if len(kinds) == 1 else "signed"}
 
 
 @dataclass(frozen=True)
 class ApproximationConfig:
     """Settings of one approximation study (the CLI flags map onto these fields)."""
 
-    cases: tuple[KernelCase, ...] | None = None  # None: default_cases()
-    scales: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # std of the scores q·k/√d
+    FLAG_NAMES: ClassVar[dict[str, str]] = {"cases": "kernels"}
+
+    cases: tuple[KernelCase, ...] | None = flag(None, "kernels, optionally with parameters: "
+                                                 "taylor2_pool:pool=4 (default: all + Table 3's)")
+    scales: tuple[float, ...] = flag((0.1, 0.25, 0.5, 1.0, 2.0, 4.0), "score stds of the random study")
     batch: int = 2
     heads: int = 4
-    tokens: int = 196
-    head_dim: int = 32
-    trained: bool = True
+    tokens: int = flag(196, "tokens of the random study")
+    head_dim: int = flag(32, "head dim of the random study")
+    trained: bool = flag(True, "compare on a trained ViT's q/k too")
     model: str = "qtvit_vit_micro"
-    checkpoint: str | None = None
-    train_steps: int = 500
+    checkpoint: str | None = flag(None, "a trained softmax qtvit_vit_* state dict (skips training)")
+    train_steps: int = flag(500, "training steps of the softmax ViT")
     train_batch: int = 64
     train_images: int = 8000
     image_size: int = 32
@@ -430,7 +346,7 @@ class ApproximationConfig:
     lr: float = 2e-3
     eval_images: int = 64
     seed: int = 0
-    progress: bool = True
+    progress: bool = flag(True, "show progress lines on stderr")
 
     def case_list(self) -> list[KernelCase]:
         return list(self.cases) if self.cases is not None else default_cases()
@@ -439,28 +355,26 @@ class ApproximationConfig:
         """Raise ``ValueError`` naming the first bad setting."""
         for case in self.case_list():
             get_kernel(case.kernel).resolve_params(case.params)
-        if not self.scales or any(not s > 0 for s in self.scales):
-            raise ValueError(f"scales must be positive, got {self.scales!r}")
-        for name in ("batch", "heads", "tokens", "head_dim", "train_batch", "train_images", "eval_images",
-                     "image_size", "patch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.train_steps < 0:
-            raise ValueError(f"train_steps must be ≥ 0, got {self.train_steps}")
+        check(self, "> 0", "scales")
+        check(self, "≥ 1", "batch", "heads", "tokens", "head_dim", "train_batch", "train_images",
+              "eval_images", "image_size", "patch_size")
+        check(self, "≥ 0", "train_steps")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of "
-                             f"patch_size {self.patch_size}")
+            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size "
+                             f"{self.patch_size}")
         if self.checkpoint is not None and not Path(self.checkpoint).exists():
             raise FileNotFoundError(f"checkpoint {self.checkpoint} does not exist")
 
 
+# `--quick`: 3 scales, 64 tokens, 20 training steps
 QUICK = ApproximationConfig(scales=(0.1, 1.0, 4.0), tokens=64, head_dim=16, train_steps=20, train_batch=32,
                             train_images=200, eval_images=16)
 
-
 def run_approximation_study(config: ApproximationConfig | None = None, echo: Echo | None = None,
-                            save_checkpoint: str | Path | None = None) -> dict:
-    """Run the study and return its document: ``env``, ``config``, ``random``, ``trained``."""
+                            output: str | Path | None = None, save_checkpoint: str | Path | None = None
+                            ) -> dict:
+    """Run the study and return its document (``env``, ``config``, ``random``, ``trained``); with ``output``
+    also write it there (JSON)."""
     config = config or ApproximationConfig()
     config.validate()
     cases = config.case_list()
@@ -470,13 +384,12 @@ def run_approximation_study(config: ApproximationConfig | None = None, echo: Ech
             print(f"[bench approximation] {text}", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
+    log(f"random q/k: {len(cases)} kernels × {len(config.scales)} scales")
     doc = {"benchmark": "approximation", "schema_version": SCHEMA_VERSION,
            "env": bench_env.collect_environment(torch.device("cpu"), torch.float64),
            "config": {**asdict(config), "cases": [_case_entry(c) for c in cases], "kl_floor": KL_FLOOR},
-           "random": [], "trained": None, "elapsed_seconds": 0.0}
-    log(f"random q/k: {len(cases)} kernels × {len(config.scales)} scales")
-    doc["random"] = random_study(cases, config.scales, config.batch, config.heads, config.tokens,
-                                 config.head_dim, config.seed)
+           "random": random_study(cases, config.scales, config.batch, config.heads, config.tokens,
+                                  config.head_dim, config.seed), "trained": None, "elapsed_seconds": 0.0}
     if config.trained:
         if config.checkpoint:
             log(f"loading {config.checkpoint}")
@@ -484,152 +397,64 @@ def run_approximation_study(config: ApproximationConfig | None = None, echo: Ech
             info["source"] = "checkpoint"
         else:
             log(f"training {config.model} (softmax) for {config.train_steps} steps on the pair task")
-            model, info = train_softmax_vit(config, log)
+            model, info = train_softmax_vit(config)
             info["source"] = "trained here"
             if save_checkpoint is not None:
-                Path(save_checkpoint).parent.mkdir(parents=True, exist_ok=True)
-                torch.save(model.state_dict(), save_checkpoint)
+                with atomic_output(save_checkpoint) as tmp:
+                    torch.save(model.state_dict(), tmp)
                 info["saved_to"] = str(save_checkpoint)
         images, _ = pair_images(config.eval_images, info["image_size"], info["patch_size"], config.seed + 1)
         log(f"comparing kernels on its q/k ({config.eval_images} validation images)")
         doc["trained"] = {"model": config.model, **info, **trained_study(cases, model, images)}
     doc["elapsed_seconds"] = round(time.perf_counter() - start, 2)
-    if echo:
-        for line in format_tables(doc):
-            echo(line)
+    if output:
+        write_json(doc, output)
+    for line in format_tables(doc) if echo else []:
+        echo(line)
     return doc
 
 
-# ------------------------------------------------------------------------------------ output
-
-
 def _fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if x == 0:
-        return "0"
-    return f"{x:.2e}" if x < 1e-2 or x >= 100 else f"{x:.3f}"
+    return "-" if x is None else "0" if x == 0 else f"{x:.2e}" if x < 1e-2 or x >= 100 else f"{x:.3f}"
 
 
 def format_tables(doc: dict) -> list[str]:
     """Random study (TV and output error per scale) and trained study (all metrics) as text."""
     lines = ["qtvit bench approximation: distance of each kernel's attention from softmax's", ""]
-    rows = doc["random"]
-    scales = list(dict.fromkeys(r["scale"] for r in rows))
-    cases = list(dict.fromkeys(r["case"] for r in rows))
-    width = max(len(c) for c in cases) if cases else 10
+    rows = {(r["case"], r["scale"]): r for r in doc["random"]}
+    scales = list(dict.fromkeys(s for _, s in rows))
+    cases = list(dict.fromkeys(c for c, _ in rows))
     for metric, title in (("tv", "total variation ½Σ|p−a| from softmax (L1/2 for signed/unnormalised rows)"),
                           ("tv_taylor2", "the same distance from taylor2's rows"),
                           ("negative_fraction", "fraction of negative weights"),
                           ("out_rel_err", "relative output error ‖out−PV‖/‖PV‖")):
         lines.append(f"random q/k, {title}; columns: std of the scores q·k/√d")
-        lines.append(f"  {'kernel':<{width}} " + " ".join(f"{s:>9g}" for s in scales))
-        for case in cases:
-            cells = []
-            for s in scales:
-                r = next(x for x in rows if x["case"] == case and x["scale"] == s)
-                cells.append(f"{'error' if 'error' in r else _fmt(r[metric]):>9}")
-            lines.append(f"  {case:<{width}} " + " ".join(cells))
-        lines.append("")
+        lines += ["  " + line for line in format_grid(["kernel"] + [f"{s:g}" for s in scales], [
+            [case] + ["error" if "error" in rows[case, s] else _fmt(rows[case, s][metric]) for s in scales]
+            for case in cases])] + [""]
     trained = doc.get("trained")
     if trained:
-        acc = trained.get("val_accuracy")
-        if trained.get("source") == "trained here":
-            where = (f"trained here, {trained['steps']} steps, val accuracy {acc:.1%} "
-                     f"(chance {trained['chance']:.0%})")
-        else:
-            where = f"from {trained.get('checkpoint')}"
+        where = (f"trained here, {trained['steps']} steps, val accuracy {trained['val_accuracy']:.1%} "
+                 f"(chance {trained['chance']:.0%})" if trained.get("source") == "trained here"
+                 else f"from {trained.get('checkpoint')}")
         lines.append(f"trained softmax {trained['model']} ({where}); mean over {len(trained['blocks'])} "
                      f"blocks, score std ≈ {trained['score_std_mean']:.3g}")
-        lines.append(f"  {'kernel':<{width}} {'KL':>9} {'TV':>9} {'TV max':>9} {'TV t2':>9} {'out err':>9} "
-                     f"{'neg w':>7} {'degen':>7}")
-        for r in trained["summary"]:
-            if "error" in r:
-                lines.append(f"  {r['case']:<{width}} error: {r['error']}")
-                continue
-            lines.append(f"  {r['case']:<{width}} {_fmt(r['kl']):>9} {_fmt(r['tv']):>9} "
-                         f"{_fmt(r['tv_max']):>9} {_fmt(r['tv_taylor2']):>9} {_fmt(r['out_rel_err']):>9} "
-                         f"{r['negative_fraction']:7.1%} {r['degenerate_fraction']:7.1%}")
+        lines += ["  " + line for line in format_grid(
+            ["kernel", "KL", "TV", "TV max", "TV t2", "out err", "neg w", "degen"],
+            [[r["case"], f"error: {r['error']}", *[""] * 6] if "error" in r else
+             [r["case"], *(_fmt(r[k]) for k in ("kl", "tv", "tv_max", "tv_taylor2", "out_rel_err")),
+              f"{r['negative_fraction']:.1%}", f"{r['degenerate_fraction']:.1%}"]
+             for r in trained["summary"]])]
         lines.append("  KL is '-' where rows are not distributions (unnormalised kernels, negative weights).")
     return lines
 
 
-# ------------------------------------------------------------------------------------ CLI
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    d = ApproximationConfig()
-    p.add_argument("--kernels", metavar="K1,K2",
-                   help="kernels, optionally with parameters: taylor2_pool:pool=4 "
-                        "(default: all + Table-3 settings)")
-    p.add_argument("--scales", metavar="S1,S2", help=f"score stds of the random study (default "
-                   f"{','.join(f'{s:g}' for s in d.scales)})")
-    p.add_argument("--tokens", type=int, help=f"tokens of the random study (default {d.tokens})")
-    p.add_argument("--head-dim", type=int, help=f"head dim of the random study (default {d.head_dim})")
-    p.add_argument("--checkpoint", metavar="FILE",
-                   help="a trained softmax qtvit_vit_* state dict (skips training)")
-    p.add_argument("--save-checkpoint", metavar="FILE", help="save the model trained here")
-    p.add_argument("--train-steps", type=int,
-                   help=f"training steps of the softmax ViT (default {d.train_steps})")
-    p.add_argument("--no-trained", action="store_true", help="random q/k only")
-    p.add_argument("--output", metavar="FILE.json", help="write the results as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="write the plot")
-    p.add_argument("--quick", action="store_true", help="smoke test: 3 scales, 64 tokens, 20 training steps")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-
-
-def register(bench_subparsers: argparse._SubParsersAction) -> None:
+def register(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``qtvit bench approximation``."""
-    p = bench_subparsers.add_parser(
-        "approximation", help="distance of each kernel's attention rows from softmax's",
-        description=__doc__.splitlines()[0].split(": ", 1)[1])
-    _add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def config_from_args(args: argparse.Namespace) -> ApproximationConfig:
-    """Resolve the flags (explicit value > ``--quick`` > default) into a validated config."""
-    base = QUICK if args.quick else ApproximationConfig()
-    over: dict[str, object] = {}
-    if args.kernels is not None:
-        items = [s.strip() for s in args.kernels.split(",") if s.strip()]
-        if not items:
-            raise QtvitError("--kernels: empty list")
-        try:
-            over["cases"] = tuple(parse_case(s) for s in items)
-        except (ValueError, TypeError) as err:
-            raise QtvitError(f"--kernels: {err}") from None
-    if args.scales is not None:
-        try:
-            over["scales"] = tuple(float(s) for s in args.scales.split(",") if s.strip())
-        except ValueError:
-            raise QtvitError(f"--scales: {args.scales!r} is not a list of numbers") from None
-    for flag in ("tokens", "head_dim", "checkpoint", "train_steps"):
-        if getattr(args, flag) is not None:
-            over[flag] = getattr(args, flag)
-    over.update(trained=not args.no_trained, progress=not args.no_progress)
-    config = replace(base, **over)
-    try:
-        config.validate()
-    except (ValueError, TypeError) as err:
-        raise QtvitError(f"bad setting: {err}") from None
-    return config
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``qtvit bench approximation``."""
-    config = config_from_args(args)
-    doc = run_approximation_study(config, echo=print, save_checkpoint=args.save_checkpoint)
-    if args.output:
-        write_json(doc, args.output)
-        print(f"\nwrote {args.output}")
-    if args.plot:
-        from .plots import plot_approximation
-
-        print(f"wrote {plot_approximation(doc, args.plot)}")
-    return 0
-
-
-__all__ = ["ApproximationConfig", "KL_FLOOR", "KernelCase", "QUICK", "attention_distances", "capture_qkv",
-           "config_from_args", "default_cases", "format_tables", "parse_case", "random_study", "register",
-           "run", "run_approximation_study", "trained_study", "train_softmax_vit"]
+    p = add_benchmark(bench_subparsers, "approximation", help="distance of each kernel's attention rows from "
+                      "softmax's", doc=__doc__, config_class=ApproximationConfig, quick=QUICK,
+                      run=lambda config, args: run_approximation_study(config, print, args.output,
+                                                                       args.save_checkpoint),
+                      plot=("write the plot", plot_approximation))
+    p.add_argument("--save-checkpoint", metavar="FILE", help="save the model trained here")
+    return p

@@ -1,22 +1,4 @@
-"""``qtvit bench models``: whole-model speed and memory, each QT model beside its twins.
-
-For every requested model (e.g. ``qtvit_1``) four *variants* are built and always measured
-side by side, interleaved in the same step of the shared runner (:mod:`qtvit.bench.runner`):
-  * ``qt``: the model as registered (QT-ViT: ``qt`` kernel, APE, GELU(BN(v)) shortcut);
-  * ``relu``: the same model as EfficientViT (``kernel="relu", ape=False, shortcut=False``);
-    for the plain-ViT family just ``kernel="relu"``;
-  * ``softmax``: the same model with ``kernel="softmax"`` (everything else as ``qt``);
-  * ``timm``: timm's model of that size (``efficientvit_b1`` …, DeiT for the ViT family),
-    random weights.
-Per resolution: params, MACs (:func:`qtvit.models.macs.count_macs` on the meta device, per
-variant and size), batch-1 latency, batch-N latency and throughput, the peak memory of each
-call (CPU: the rise of peak RSS, so weights and inputs are excluded and activations counted),
-and with ``train_step`` one training step (forward + backward + AdamW, batch N, train mode;
-non-fp32 dtypes train under autocast with fp32 weights). ``sweep`` adds a batch-1 resolution
-sweep (224 → 2048, square and 1024×2048) of latency and peak memory with its own budget.
-Entries have ``mode`` ``forward``, ``train`` or ``sweep``; skipped ones carry the prediction.
-"""
-
+"""``qtvit bench models``: whole-model speed and memory, QT models beside their twins (docs/BENCHMARKS.md)."""
 from __future__ import annotations
 
 import argparse
@@ -30,56 +12,44 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import create_model, get_model_card, resolve_model_name
-from .cli import add_benchmark
+from .cli import add_benchmark, flag
 from .env import frozen_gc
-from .runner import (
-    COMMON_HELPS,
-    DTYPES,
-    BenchConfig,
-    Echo,
-    Job,
-    Sweep,
-    format_footer,
-    format_grid,
-    format_header,
-    status_cell,
-)
-from .timing import fmt_mb, fmt_ms
+from .plots import plot_models
+from .runner import DTYPES, BenchConfig, Echo, Job, Sweep, check, format_grid, status_cell
+from .timing import fmt_mb, fmt_ms, train_step
 
 Size = tuple[int, int]  # (H, W)
 VARIANT_KEYS = ("qt", "relu", "softmax", "timm")
 # 224 → 2048 square, plus Cityscapes-like 1024×2048 (H×W), in increasing pixel count.
 SWEEP_SIZES: tuple[Size, ...] = ((224, 224), (384, 384), (512, 512), (768, 768), (1024, 1024),
                                  (1024, 2048), (1536, 1536), (2048, 2048))
-# Training steps use a negligible learning rate: the arithmetic of an AdamW step is the same,
-# but random-init weights do not drift into NaN/denormal ranges that would change the timing.
-TRAIN_LR = 1e-8
+TRAIN_LR = 1e-8  # the AdamW step's arithmetic, without random weights drifting into NaN/denormals
 
 
 @dataclass(frozen=True)
 class ModelBenchConfig(BenchConfig):
     """Settings of one ``qtvit bench models`` run (the CLI flags map onto these fields)."""
 
-    models: tuple[str, ...] = ("qtvit_b1",)
-    resolutions: tuple[Size, ...] = ((224, 224),)
-    batch_size: int = 32
-    variants: tuple[str, ...] = VARIANT_KEYS
-    channels_last: bool = False
+    models: tuple[str, ...] = flag(("qtvit_b1",), "models or aliases")
+    resolutions: tuple[Size, ...] = flag(((224, 224),), "sizes N or HxW")
+    batch_size: int = flag(32, "batch N for throughput and train steps")
+    variants: tuple[str, ...] = flag(VARIANT_KEYS, f"subset of {','.join(VARIANT_KEYS)}")
+    channels_last: bool = flag(False, "channels_last inputs")
     warmup: int = 2
     variant_seconds: float = 6.0
     min_sample_seconds: float = 0.05
     max_call_seconds: float = 45.0
-    max_seconds: float = 1200.0  # the main table (all models, resolutions, modes)
+    max_seconds: float = flag(1200.0, "budget of the main table (s)")
     memory_fraction: float = 0.5
-    train_step: bool = False
+    train_step: bool = flag(False, "also time training steps (fwd + bwd + AdamW)")
     train_repeats: int = 5
     train_variant_seconds: float = 20.0
-    sweep: bool = False
-    sweep_sizes: tuple[Size, ...] = SWEEP_SIZES
+    sweep: bool = flag(False, "batch-1 latency and peak memory over --sweep-sizes")
+    sweep_sizes: tuple[Size, ...] = flag(SWEEP_SIZES, "sizes of the sweep")
     sweep_repeats: int = 3
     sweep_variant_seconds: float = 8.0
-    sweep_max_seconds: float = 540.0  # the default sweep fits in ~10 minutes on a 2-core CPU
-    macs: bool = True  # MACs per variant and size (FlopCounterMode on the meta device, ~1 s each)
+    sweep_max_seconds: float = flag(540.0, "budget of the sweep (s)")  # ~10 minutes on a 2-core CPU
+    macs: bool = flag(True, "count MACs per variant and size")  # on the meta device, ~1 s each
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting (unknown models included)."""
@@ -95,9 +65,7 @@ class ModelBenchConfig(BenchConfig):
                 raise ValueError(f"{name}: give at least one size")
             if any(len(s) != 2 or any(not isinstance(v, int) or v < 32 for v in s) for s in sizes):
                 raise ValueError(f"{name}: sizes must be (H, W) integers ≥ 32, got {sizes!r}")
-        for name in ("batch_size", "train_repeats", "sweep_repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        check(self, "≥ 1", "batch_size", "train_repeats", "sweep_repeats")
         if self.dtype == "float64":
             raise ValueError("dtype float64 not supported for models; use float32, bfloat16 or float16")
 
@@ -109,15 +77,16 @@ QUICK = ModelBenchConfig(resolutions=((64, 64),), batch_size=4, warmup=1, repeat
                          sweep_repeats=2, sweep_variant_seconds=0.5, sweep_max_seconds=60.0,
                          max_seconds=120.0)
 
-# the fields that are command-line flags, with their help
-HELPS = {
-    **COMMON_HELPS, "models": "models or aliases", "resolutions": "sizes N or HxW",
-    "variants": f"subset of {','.join(VARIANT_KEYS)}", "batch_size": "batch N for throughput and train steps",
-    "channels_last": "channels_last inputs", "train_step": "also time training steps (fwd + bwd + AdamW)",
-    "sweep": "batch-1 latency and peak memory over --sweep-sizes", "sweep_sizes": "sizes of the sweep",
-    "max_seconds": "budget of the main table (s)", "sweep_max_seconds": "budget of the sweep (s)",
-    "macs": "count MACs per variant and size",
-}
+def build_model(source: str, arch: str, kwargs: dict, what: str) -> nn.Module:
+    """A freshly initialised ``arch`` from qtvit or timm (random weights, eval mode, float32, CPU);
+    a missing timm is a one-line error saying ``what`` needed it."""
+    if source != "timm":
+        return create_model(arch, **kwargs).eval()
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(f"{what} needs timm: pip install timm (or qtvit[train])") from None
+    return timm.create_model(arch, pretrained=False, **kwargs).eval()
 
 
 @dataclass(frozen=True)
@@ -133,20 +102,7 @@ class VariantSpec:
     quadratic: bool = False  # softmax attention: cost grows with the square of the token count
 
     def build(self) -> nn.Module:
-        """A freshly initialised model (random weights, eval mode, float32, CPU)."""
-        if self.source == "timm":
-            timm = import_timm(f"the {self.key!r} variant ({self.arch})")
-            return timm.create_model(self.arch, pretrained=False, **self.kwargs).eval()
-        return create_model(self.arch, **self.kwargs).eval()
-
-
-def import_timm(purpose: str):
-    """``import timm`` with a one-line error saying what needed it."""
-    try:
-        import timm
-    except ImportError:
-        raise ImportError(f"{purpose} needs timm: pip install timm (or qtvit[train])") from None
-    return timm
+        return build_model(self.source, self.arch, self.kwargs, f"the {self.key!r} variant ({self.arch})")
 
 
 # timm twins of the plain-ViT family (DeiT = timm's ViT at these widths); micro has none.
@@ -155,43 +111,32 @@ _VIT_TIMM = {"qtvit_vit_tiny": "deit_tiny_patch16_224", "qtvit_vit_small": "deit
 
 
 def model_variants(name: str, keys: Sequence[str] = VARIANT_KEYS) -> list[VariantSpec]:
-    """The variants of model ``name`` (a registered name or alias such as ``qtvit_1``) to measure.
-
-    Raises ``ValueError`` for unknown models (listing the valid ones), unknown variant keys, and
-    models of a family without twins. Variants a model lacks (no timm twin) are left out.
-    """
+    """The variants ``keys`` of model ``name`` (or alias, e.g. ``qtvit_1``) that it has; ``ValueError`` for
+    unknown models or keys (listing the valid ones) and families without twins."""
     bad = [k for k in keys if k not in VARIANT_KEYS]
     if bad:
         raise ValueError(f"unknown variant(s) {', '.join(bad)}; valid: {', '.join(VARIANT_KEYS)}")
     canonical = resolve_model_name(name)  # unknown names raise, listing the valid ones
     from ..models import efficientvit
 
-    size = canonical.removeprefix("qtvit_")
+    size, vit = canonical.removeprefix("qtvit_"), canonical.startswith("qtvit_vit_")
     if size in efficientvit.CONFIGS:
         paper = get_model_card(canonical).paper_name or f"QT-ViT-{size.upper()}"
-        table = {
-            "qt": VariantSpec(canonical, "qt", f"{paper} (qt)", "qtvit", canonical),
-            "relu": VariantSpec(canonical, "relu", f"EfficientViT-{size.upper()} (ours, relu)", "qtvit",
-                                canonical, {"kernel": "relu", "ape": False, "shortcut": False}),
-            "softmax": VariantSpec(canonical, "softmax", f"{paper} with softmax", "qtvit", canonical,
-                                   {"kernel": "softmax"}, quadratic=True),
-            "timm": VariantSpec(canonical, "timm", f"timm efficientvit_{size}", "timm",
-                                f"efficientvit_{size}"),
-        }
-    elif canonical.startswith("qtvit_vit_"):
-        table = {
-            "qt": VariantSpec(canonical, "qt", f"{canonical} (qt)", "qtvit", canonical),
-            "relu": VariantSpec(canonical, "relu", f"{canonical} (relu)", "qtvit", canonical,
-                                {"kernel": "relu"}),
-            "softmax": VariantSpec(canonical, "softmax", f"{canonical} (softmax)", "qtvit", canonical,
-                                   {"kernel": "softmax"}, quadratic=True),
-        }
-        if canonical in _VIT_TIMM:
-            table["timm"] = VariantSpec(canonical, "timm", f"timm {_VIT_TIMM[canonical]}", "timm",
-                                        _VIT_TIMM[canonical], {"dynamic_img_size": True}, quadratic=True)
+        labels = (f"{paper} (qt)", f"EfficientViT-{size.upper()} (ours, relu)", f"{paper} with softmax")
+        relu, timm_arch = {"kernel": "relu", "ape": False, "shortcut": False}, f"efficientvit_{size}"
+    elif vit:
+        labels = tuple(f"{canonical} ({k})" for k in VARIANT_KEYS[:3])
+        relu, timm_arch = {"kernel": "relu"}, _VIT_TIMM.get(canonical)
     else:
         raise ValueError(f"model {name!r} has no benchmark twins; use an EfficientViT/QT-ViT size "
                          "(qtvit_b0..qtvit_l3, qtvit_1..6) or a qtvit_vit_* model")
+    table = {"qt": VariantSpec(canonical, "qt", labels[0], "qtvit", canonical),
+             "relu": VariantSpec(canonical, "relu", labels[1], "qtvit", canonical, relu),
+             "softmax": VariantSpec(canonical, "softmax", labels[2], "qtvit", canonical,
+                                    {"kernel": "softmax"}, quadratic=True)}
+    if timm_arch:
+        table["timm"] = VariantSpec(canonical, "timm", f"timm {timm_arch}", "timm", timm_arch,
+                                    {"dynamic_img_size": True} if vit else {}, quadratic=vit)
     return [table[k] for k in keys if k in table]
 
 
@@ -222,41 +167,23 @@ def forward_call(model: nn.Module, config: BenchConfig, size: Size, batch: int, 
     generator = torch.Generator().manual_seed(config.seed + size[0] * 7 + size[1] + batch)
     x = torch.randn(batch, 3, *size, generator=generator).to(config.device, dtype)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-    def call() -> torch.Tensor:
-        with torch.inference_mode():
-            return model(x)
-    return call
+    return torch.inference_mode()(lambda: model(x))
 
 
 def _train_call(spec: VariantSpec, config: ModelBenchConfig, size: Size) -> Callable[[], None]:
     """One training step of a fresh train-mode model: forward, cross-entropy backward, AdamW."""
-    dtype, batch = DTYPES[config.dtype], config.batch_size
     model = prepare(spec.build().train(), config, None, config.channels_last)
     generator = torch.Generator().manual_seed(config.seed)
-    x = torch.randn(batch, 3, *size, generator=generator).to(config.device)
+    x = torch.randn(config.batch_size, 3, *size, generator=generator).to(config.device)
     x = x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
-    y = torch.randint(0, 1000, (batch,), generator=generator).to(config.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR, weight_decay=0.05)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(torch.device(config.device).type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model(x)
-        F.cross_entropy(out.float(), y).backward()
-        opt.step()
-    return step
+    y = torch.randint(0, 1000, (config.batch_size,), generator=generator).to(config.device)
+    return train_step(model, x, y, F.cross_entropy, DTYPES[config.dtype], lr=TRAIN_LR)
 
 
 def run_models_benchmark(config: ModelBenchConfig | None = None, echo: Echo | None = None,
                          checkpoint: str | Path | None = None) -> dict:
-    """Run the model benchmark and return the result document (see the module docstring).
-
-    Args:
-        config: settings; the defaults measure ``qtvit_b1`` and its twins at 224.
-        echo: prints the header and tables when given (e.g. ``print``).
-        checkpoint: if given, the document so far is written there (JSON) after every step.
-    """
+    """Run the benchmark (default: ``qtvit_b1`` and its twins at 224) and return the result document;
+    ``echo`` (e.g. ``print``) gets the header and tables, ``checkpoint`` the JSON after every step."""
     config = config or ModelBenchConfig()
     config.validate()
     phases = [("forward", 1)] + [("forward", config.batch_size)] * (config.batch_size > 1)
@@ -266,13 +193,11 @@ def run_models_benchmark(config: ModelBenchConfig | None = None, echo: Echo | No
     n_steps = len(config.models) * (len(resolutions) * len(phases) + len(sweep_sizes))
     method = (f"forward + cross-entropy backward + AdamW step (lr {TRAIN_LR:g}), train mode, batch_size "
               "images; non-fp32 dtypes under autocast")
-    with frozen_gc(), Sweep("models", config, n_steps, checkpoint, train_step_method=method) as sweep:
+    settings = (f"models {', '.join(config.models)}; variants {', '.join(config.variants)}; batch N = "
+                f"{config.batch_size}; warmup {config.warmup}, repeats {config.repeats}")
+    with frozen_gc(), Sweep("models", config, n_steps, checkpoint, echo, settings,
+                            train_step_method=method) as sweep:
         sweep.doc["models"] = []
-        if echo:
-            for line in format_header(sweep.doc, f"models {', '.join(config.models)}; variants "
-                                      f"{', '.join(config.variants)}; batch N = {config.batch_size}; warmup "
-                                      f"{config.warmup}, repeats {config.repeats}"):
-                echo(line)
         for name in config.models:
             group = _ModelGroup(config, model_variants(name, config.variants))
             sweep.doc["models"].append(group.info)
@@ -287,9 +212,7 @@ def run_models_benchmark(config: ModelBenchConfig | None = None, echo: Echo | No
                           deadline=deadline, repeats=config.sweep_repeats, warmup=1,
                           variant_seconds=config.sweep_variant_seconds)
             del group
-    if echo:
-        for line in format_table(sweep.doc) + [""] + format_sweep(sweep.doc) + format_footer(sweep.doc):
-            echo(line)
+    sweep.report(format_table(sweep.doc) + [""] + format_sweep(sweep.doc))
     return sweep.doc
 
 
@@ -304,8 +227,7 @@ class _ModelGroup:
             try:
                 torch.manual_seed(config.seed)
                 model = prepare(spec.build(), config, DTYPES[config.dtype], config.channels_last)
-                self.built[spec.key] = model
-                params = sum(p.numel() for p in self.built[spec.key].parameters())
+                self.built[spec.key], params = model, sum(p.numel() for p in model.parameters())
             except (RuntimeError, ValueError, TypeError, ImportError) as err:
                 error = f"{type(err).__name__}: {err}"
             self.info["variants"].append({"variant": spec.key, "label": spec.label, "source": spec.source,
@@ -314,16 +236,15 @@ class _ModelGroup:
 
     def jobs(self, size: Size, mode: str, batch: int) -> list[Job]:
         """The runner's jobs for one step: every variant at one size, mode and batch."""
-        cfg, out = self.config, []
+        cfg, out, train = self.config, [], mode == "train"
         for spec, info in zip(self.specs, self.info["variants"], strict=True):
             if cfg.macs and (spec.key, size) not in self.macs:
                 self.macs[spec.key, size] = count_macs_g(spec.build, size)
-            if mode == "train":
+            if train:
                 build = lambda spec=spec: _train_call(spec, cfg, size)  # noqa: E731
             else:
                 build = lambda spec=spec: forward_call(  # noqa: E731
                     self.built[spec.key], cfg, size, batch, DTYPES[cfg.dtype], cfg.channels_last)
-            train = mode == "train"
             out.append(Job(
                 series=f"{spec.key} {'train' if train else 'forward'}", size=_pixels(size), batch=batch,
                 quadratic=spec.quadratic, build=build,
@@ -340,39 +261,38 @@ def _pixels(size: Sequence[int]) -> int:
     return size[0] * size[1]
 
 
+def _cells(entry: dict | None, *fields: str) -> list[str]:
+    """A status cell and blanks, or the entry's ``fields`` formatted (``ms``, ``iqr``, ``mb``, ``per_s``)."""
+    status = status_cell(entry)
+    if status:
+        return [status] + [""] * (len(fields) - 1)
+    fmt = {"ms": lambda e: fmt_ms(e["median_ms"]), "iqr": lambda e: f"±{fmt_ms(e['iqr_ms'] / 2)}",
+           "mb": lambda e: fmt_mb(e["peak_mb"]), "per_s": lambda e: f"{e['per_s']:.1f}"}
+    return [fmt[f](entry) for f in fields]
+
+
 def format_table(doc: dict) -> list[str]:
     """Main table: one block per model and resolution, one row per variant."""
-    cfg = doc["config"]
-    n = cfg["batch_size"]
+    cfg, lines, n = doc["config"], [], doc["config"]["batch_size"]
     by_key = {(e["model"], e["variant"], e["mode"], e["batch"], tuple(e["resolution"])): e
               for e in doc["results"]}
-    lines = []
+    header = ["variant", "params", "GMACs", "b1 ms", "IQR", "b1 MB"]
+    header += [f"b{n} ms", f"b{n} img/s", f"b{n} MB"] * (n > 1)
+    header += ["train img/s", "train MB"] * cfg["train_step"]
     for info in doc["models"]:
         model = info["model"]
-        sizes = {tuple(e["resolution"]) for e in doc["results"]
-                 if e["model"] == model and e["mode"] != "sweep"}
+        sizes = {key[4] for key in by_key if key[0] == model and key[2] != "sweep"}
         for size in sorted(sizes, key=_pixels):
-            header = ["variant", "params", "GMACs", "b1 ms", "IQR", "b1 MB"]
-            header += [f"b{n} ms", f"b{n} img/s", f"b{n} MB"] * (n > 1)
-            header += ["train img/s", "train MB"] * cfg["train_step"]
             rows = []
             for v in info["variants"]:
-                b1 = by_key.get((model, v["variant"], "forward", 1, size))
-                s = status_cell(b1)
-                row = [f"{v['variant']}: {v['label']}",
-                       "?" if v["params"] is None else f"{v['params'] / 1e6:.2f}M",
-                       "?" if not b1 or b1.get("macs_g") is None else f"{b1['macs_g']:.3g}",
-                       s or fmt_ms(b1["median_ms"]), "" if s else f"±{fmt_ms(b1['iqr_ms'] / 2)}",
-                       "" if s else fmt_mb(b1["peak_mb"])]
-                bn, tr = (by_key.get((model, v["variant"], m, n, size)) for m in ("forward", "train"))
-                if n > 1:
-                    s = status_cell(bn)
-                    row += [s or fmt_ms(bn["median_ms"]), "" if s else f"{bn['per_s']:.1f}",
-                            "" if s else fmt_mb(bn["peak_mb"])]
-                if cfg["train_step"]:
-                    s = status_cell(tr)
-                    row += [s or f"{tr['per_s']:.1f}", "" if s else fmt_mb(tr["peak_mb"])]
-                rows.append(row)
+                b1, bn, tr = (by_key.get((model, v["variant"], m, b, size))
+                              for m, b in (("forward", 1), ("forward", n), ("train", n)))
+                rows.append([f"{v['variant']}: {v['label']}",
+                             "?" if v["params"] is None else f"{v['params'] / 1e6:.2f}M",
+                             "?" if not b1 or b1.get("macs_g") is None else f"{b1['macs_g']:.3g}",
+                             *_cells(b1, "ms", "iqr", "mb"),
+                             *(_cells(bn, "ms", "per_s", "mb") if n > 1 else []),
+                             *(_cells(tr, "per_s", "mb") if cfg["train_step"] else [])])
             lines += [f"{model} at {size[0]}×{size[1]}"] + format_grid(header, rows) + [""]
     return lines + ["ms: median per call (IQR/2 as ±); MB: peak MiB above weights and inputs; "
                     "skip:<code>, errors and details in the JSON."]
@@ -381,9 +301,8 @@ def format_table(doc: dict) -> list[str]:
 def format_sweep(doc: dict) -> list[str]:
     """Sweep table: rows variants, columns sizes, cells ``ms | MB`` (skips show predictions)."""
     entries = [e for e in doc["results"] if e["mode"] == "sweep"]
-    if not entries:
-        return []
     lines = ["resolution sweep, batch 1 (cells: median ms | peak MiB; skip:<code> ~predicted ms)"]
+    lines = lines if entries else []
     for model in dict.fromkeys(e["model"] for e in entries):
         cells = {(e["variant"], tuple(e["resolution"])): e for e in entries if e["model"] == model}
         sizes = sorted({size for _, size in cells}, key=_pixels)
@@ -400,27 +319,12 @@ def format_sweep(doc: dict) -> list[str]:
     return lines
 
 
-def _run(config: ModelBenchConfig, args: argparse.Namespace) -> int:
-    doc = run_models_benchmark(config, echo=print, checkpoint=args.output)
-    if args.output:
-        print(f"\nwrote {args.output}")
-    if args.plot:
-        from .plots import plot_model_bars, plot_resolution_sweep
-
-        sweep = any(e["mode"] == "sweep" for e in doc["results"])
-        print(f"wrote {plot_resolution_sweep(doc, args.plot) if sweep else plot_model_bars(doc, args.plot)}")
-    return 0
-
-
 def register(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``qtvit bench models``."""
-    p = add_benchmark(bench_subparsers, "models", help="whole-model latency, throughput, memory and training "
-                      "steps vs twins", description=__doc__.splitlines()[0].split(": ", 1)[1],
-                      config_class=ModelBenchConfig, quick=QUICK, helps=HELPS, run=_run,
-                      output=("--output", "FILE.json", "write the results as JSON (updated after each step)"))
-    p.add_argument("--plot", metavar="FILE.png", help="log-log sweep plot (with --sweep), else batch-1 bars")
-    return p
-
-
-__all__ = ["ModelBenchConfig", "QUICK", "SWEEP_SIZES", "VARIANT_KEYS", "VariantSpec", "format_sweep",
-           "format_table", "model_variants", "register", "run_models_benchmark"]
+    return add_benchmark(
+        bench_subparsers, "models",
+        help="whole-model latency, throughput, memory and training steps vs twins",
+        doc=__doc__, config_class=ModelBenchConfig, quick=QUICK,
+        run=lambda config, args: run_models_benchmark(config, echo=print, checkpoint=args.output),
+        output=("--output", "FILE.json", "write the results as JSON (updated after each step)"),
+        plot=("log-log sweep plot (with --sweep), else batch-1 bars", plot_models))

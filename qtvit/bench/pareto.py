@@ -1,20 +1,4 @@
-"""``qtvit bench pareto``: the paper's Figure 1 on this device — latency vs ImageNet top-1.
-
-Times QT-ViT-1..6 and their EfficientViT twins (both built by qtvit, so the pair differs only
-in the attention), timm's ``efficientvit_*`` beside them, and the other families of the paper's
-comparison that timm can build (EfficientNet, EfficientNetV2, ConvNeXt, Swin, SwinV2, PoolFormer,
-MobileViT, MobileViTv2, DeiT, EfficientFormer, CoAtNet, MaxViT), all with random weights
-(``pretrained=False``: weights do not change the time). Every selected model is timed in the same
-interleaved step of the shared runner (:mod:`qtvit.bench.runner`), once per batch size, so machine
-drift hits all alike; all of them are held in memory at once. Each model runs at the resolution
-its published top-1 belongs to (``resolution`` overrides that, and the table then says the
-accuracy is not the timed resolution's). The Pareto front of (median latency ↓, top-1 ↑) is
-marked; medians and minima are both reported.
-
-Outputs in ``output_dir``: ``pareto.json`` (environment header, config, rows, front),
-``pareto.csv`` (one row per model and batch size) and ``pareto_b{batch}.png``.
-"""
-
+"""``qtvit bench pareto``: the paper's Figure 1 on this device, latency vs top-1 (docs/BENCHMARKS.md)."""
 from __future__ import annotations
 
 import argparse
@@ -28,11 +12,12 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..io import atomic_output
-from ..models import create_model, get_model_card
-from .cli import add_benchmark
+from ..models import get_model_card
+from .cli import add_benchmark, flag
 from .env import frozen_gc
-from .models import Size, forward_call, import_timm, prepare
-from .runner import COMMON_HELPS, DTYPES, BenchConfig, Echo, Job, Sweep, format_footer, format_header
+from .models import Size, build_model, forward_call, prepare
+from .plots import plot_pareto
+from .runner import DTYPES, BenchConfig, Echo, Job, Sweep, check, format_grid
 
 
 @dataclass(frozen=True)
@@ -49,10 +34,7 @@ class ParetoModel:
     kwargs: dict = field(default_factory=dict)
 
     def build(self) -> nn.Module:
-        """A freshly initialised model (random weights, eval mode, float32, CPU)."""
-        if self.source == "timm":
-            return import_timm(self.name).create_model(self.arch, pretrained=False, **self.kwargs).eval()
-        return create_model(self.arch, **self.kwargs).eval()
+        return build_model(self.source, self.arch, self.kwargs, self.name)
 
 
 def _family(family: str, source: str, cite: str, rows: Sequence[tuple], **kwargs) -> list[ParetoModel]:
@@ -128,10 +110,8 @@ _FIXED_SIZE = ("SwinV2", "Swin", "CoAtNet", "MaxViT", "EfficientFormer")
 
 
 def select_models(patterns: Sequence[str] | None) -> list[ParetoModel]:
-    """Models whose name, family or arch matches one of ``patterns`` (case-insensitive globs).
-
-    None selects all. A pattern that matches nothing raises ``ValueError`` listing the names.
-    """
+    """Models whose name, family or arch matches one of ``patterns`` (case-insensitive globs; None:
+    all); a pattern that matches nothing raises ``ValueError`` listing the names."""
     if patterns is None:
         return list(PAPER_MODELS)
     chosen: list[ParetoModel] = []
@@ -147,11 +127,8 @@ def select_models(patterns: Sequence[str] | None) -> list[ParetoModel]:
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points (latency, accuracy) no other point dominates, by increasing latency.
-
-    A point is dominated when another has latency ≤ and accuracy ≥ with at least one strict.
-    Exact duplicates do not dominate each other (both stay on the front).
-    """
+    """Indices of the points (latency, accuracy) no other point dominates (latency ≤ and accuracy ≥,
+    one strict: exact duplicates both stay), by increasing latency."""
     front = [i for i, (lat_i, acc_i) in enumerate(points)
              if not any(lat_j <= lat_i and acc_j >= acc_i and (lat_j < lat_i or acc_j > acc_i)
                         for j, (lat_j, acc_j) in enumerate(points) if j != i)]
@@ -162,23 +139,24 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 class ParetoConfig(BenchConfig):
     """Settings of one ``qtvit bench pareto`` run (the CLI flags map onto these fields)."""
 
-    models: tuple[str, ...] | None = None  # patterns; None: every model in PAPER_MODELS
-    resolution: Size | None = None  # None: each model at the resolution of its published top-1
-    batch_sizes: tuple[int, ...] = (1,)
-    channels_last: bool = False
+    models: tuple[str, ...] | None = flag(None, "names, families or archs, globs allowed (e.g. "
+                                                "'QT-ViT*,ConvNeXt')")
+    resolution: Size | None = flag(None, "one input size for every model, N or HxW (default: each at its "
+                                         "top-1's resolution)")
+    batch_sizes: tuple[int, ...] = flag((1,), "batch sizes")
+    channels_last: bool = flag(False, "channels_last inputs")
     warmup: int = 2
     repeats: int = 7
     variant_seconds: float = 3.0
     min_sample_seconds: float = 0.05
     max_call_seconds: float = 30.0
     max_seconds: float = 1200.0
-    memory: bool = False
+    memory: bool = flag(False, "also measure peak memory")
 
     def validate(self) -> None:
         super().validate()
         select_models(self.models)
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise ValueError(f"batch_sizes must be positive, got {self.batch_sizes!r}")
+        check(self, "≥ 1", "batch_sizes")
         if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 32):
             raise ValueError(f"resolution must be (H, W) ≥ 32, got {self.resolution!r}")
 
@@ -187,19 +165,6 @@ class ParetoConfig(BenchConfig):
 QUICK = ParetoConfig(models=("QT-ViT-1", "EfficientViT-B1 (qtvit)", "PoolFormer-S12"),
                      resolution=(64, 64), warmup=1, repeats=2, min_repeats=2, variant_seconds=0.3,
                      min_sample_seconds=0.01, max_seconds=120.0)
-
-# the fields that are command-line flags, with their help
-HELPS = {
-    **COMMON_HELPS, "models": "names, families or archs, globs allowed (e.g. 'QT-ViT*,ConvNeXt')",
-    "resolution": "one input size for every model, N or HxW (default: each at its top-1's resolution)",
-    "batch_sizes": "batch sizes", "channels_last": "channels_last inputs",
-    "memory": "also measure peak memory",
-}
-
-
-def _timed_size(spec: ParetoModel, config: ParetoConfig) -> Size:
-    return config.resolution or (spec.top1_size, spec.top1_size)
-
 
 def _build(spec: ParetoModel, config: ParetoConfig, size: Size, batch: int):
     if spec.family in _FIXED_SIZE and size != (spec.top1_size, spec.top1_size):
@@ -215,39 +180,29 @@ def run_pareto_benchmark(config: ParetoConfig | None = None, echo: Echo | None =
     config.validate()
     specs = select_models(config.models)
     out = Path(output_dir) if output_dir is not None else None
-    json_path = out / "pareto.json" if out is not None else None
-    with frozen_gc(), Sweep("pareto", config, len(config.batch_sizes), json_path) as sweep:
-        if echo:
-            where = "each at its top-1's resolution" if config.resolution is None else \
-                f"all at {config.resolution[0]}×{config.resolution[1]}"
-            for line in format_header(sweep.doc, f"{len(specs)} models, {where}, batch "
-                                      f"{', '.join(map(str, config.batch_sizes))}, random weights, "
-                                      "interleaved"):
-                echo(line)
+    where = ("each at its top-1's resolution" if config.resolution is None
+             else f"all at {config.resolution[0]}×{config.resolution[1]}")
+    settings = (f"{len(specs)} models, {where}, batch {', '.join(map(str, config.batch_sizes))}, random "
+                "weights, interleaved")
+    with frozen_gc(), Sweep("pareto", config, len(config.batch_sizes), out and out / "pareto.json", echo,
+                            settings) as sweep:
         for batch in config.batch_sizes:
             jobs = []
             for spec in specs:
-                size = _timed_size(spec, config)
+                size = config.resolution or (spec.top1_size, spec.top1_size)
                 build = lambda spec=spec, size=size, b=batch: _build(spec, config, size, b)  # noqa: E731
                 jobs.append(Job(series=spec.name, size=size[0] * size[1], batch=batch, build=build,
-                                entry={"name": spec.name, "family": spec.family, "source": spec.source,
-                                       "arch": spec.arch, "kwargs": spec.kwargs, "top1": spec.top1,
-                                       "top1_size": spec.top1_size, "top1_source": spec.top1_source,
-                                       "batch": batch, "resolution": list(size),
+                                entry={**dataclasses.asdict(spec), "batch": batch, "resolution": list(size),
                                        "top1_at_timed_size": size == (spec.top1_size, spec.top1_size)}))
             rows = sweep.run(f"batch {batch}", jobs)
             ok = [r for r in rows if r["status"] == "ok"]
-            front = pareto_front([(r["median_ms"], r["top1"]) for r in ok])
+            front = [ok[i] for i in pareto_front([(r["median_ms"], r["top1"]) for r in ok])]
             for r in rows:
-                r["on_front"] = False
-            for i in front:
-                ok[i]["on_front"] = True
-            sweep.doc.setdefault("front", {})[str(batch)] = [ok[i]["name"] for i in front]
+                r["on_front"] = any(r is f for f in front)
+            sweep.doc.setdefault("front", {})[str(batch)] = [r["name"] for r in front]
     if out is not None:
         write_outputs(sweep.doc, out)
-    if echo:
-        for line in format_table(sweep.doc) + format_footer(sweep.doc):
-            echo(line)
+    sweep.report(format_table(sweep.doc))
     return sweep.doc
 
 
@@ -265,8 +220,6 @@ def write_outputs(doc: dict, output_dir: str | Path) -> dict[str, Path]:
         writer.writeheader()
         for r in doc["results"]:
             writer.writerow({**r, "resolution": "x".join(map(str, r["resolution"]))})
-    from .plots import plot_pareto
-
     env = doc["env"]
     where = env["device_name"] if env["device"] != "cpu" else f"{env['cpu_model']}, {env['threads']} threads"
     for batch in doc["config"]["batch_sizes"]:
@@ -284,44 +237,33 @@ def format_table(doc: dict) -> list[str]:
         rows = sorted((r for r in doc["results"] if r["batch"] == batch),
                       key=lambda r: (r["status"] != "ok", r.get("median_ms") or 0.0))
         lines += [f"batch {batch} (* = Pareto front of median latency vs published top-1; † top-1 "
-                  "measured at another resolution)",
-                  f"  {'model':<26} {'family':<20} {'size':>7} {'median ms':>10} {'min ms':>9} "
-                  f"{'img/s':>8} {'top-1':>6}"]
-        for r in rows:
-            if r["status"] != "ok":
-                lines.append(f"  {r['name']:<26} {r['family']:<20} {r['status']} {r['skip'] or ''}: "
-                             f"{r['reason']}")
-                continue
-            dagger = "" if r["top1_at_timed_size"] else "†"
-            lines.append(f"{'*' if r['on_front'] else ' '} {r['name']:<26} {r['family']:<20} "
-                         f"{r['resolution'][0]:>7} {r['median_ms']:10.2f} {r['min_ms']:9.2f} "
-                         f"{r['per_s']:8.1f} {r['top1']:5.1f}{dagger}")
-        lines.append("")
+                  "measured at another resolution)"] + format_grid(
+            ["  model", "family", "size", "median ms", "min ms", "img/s", "top-1"],
+            [[("* " if r["on_front"] else "  ") + r["name"], r["family"], str(r["resolution"][0]),
+              f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", f"{r['per_s']:.1f}",
+              f"{r['top1']:.1f}{'' if r['top1_at_timed_size'] else '†'}"]
+             for r in rows if r["status"] == "ok"])
+        lines += [f"  {r['name']} ({r['family']}): {r['status']} {r['skip'] or ''}: {r['reason']}"
+                  for r in rows if r["status"] != "ok"] + [""]
     return lines
 
 
-def _run(config: ParetoConfig, args: argparse.Namespace) -> int:
+def _run(config: ParetoConfig, args: argparse.Namespace) -> None:
     if args.list:
         for m in PAPER_MODELS:
             print(f"{m.name:<26} {m.family:<20} {m.source}:{m.arch:<30} top-1 {m.top1:.1f} @ "
                   f"{m.top1_size}  [{m.top1_source}]")
-        return 0
+        return
     out = args.output_dir or "runs/bench/pareto"
     run_pareto_benchmark(config, echo=print, output_dir=out)
     print(f"\nwrote {out}/pareto.json, pareto.csv, pareto_b*.png")
-    return 0
 
 
 def register(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``qtvit bench pareto``."""
     p = add_benchmark(bench_subparsers, "pareto", help="latency vs published ImageNet top-1, Pareto front",
-                      description=__doc__.splitlines()[0].split(": ", 1)[1], config_class=ParetoConfig,
-                      quick=QUICK, helps=HELPS, run=_run,
+                      doc=__doc__, config_class=ParetoConfig, quick=QUICK, run=_run,
                       output=("--output-dir", "DIR", "where pareto.json/.csv/.png go "
                                                      "(default runs/bench/pareto)"))
     p.add_argument("--list", action="store_true", help="list the models with their published top-1 and exit")
     return p
-
-
-__all__ = ["PAPER_MODELS", "ParetoConfig", "ParetoModel", "QUICK", "format_table", "pareto_front",
-           "register", "run_pareto_benchmark", "select_models", "write_outputs"]

@@ -1,44 +1,7 @@
 """``qtvit reproduce kernels|reductions``: the paper's kernel ablations (Tables 2 and 3) on your data.
 
-Each study trains the same model on the same data once per (attention kernel, seed) with the
-project's trainer, changing nothing but the kernel, and reports per kernel: held-out top-1
-(mean ± sample std over the seeds), its gap to the ``none`` control, the paper's ImageNet top-1
-beside it (parsed from :attr:`qtvit.kernels.Kernel.reference`), the model's MACs with that
-kernel and the measured time of one training step.
-
-* ``kernels`` (Table 2): softmax, relu, cosine, mean, sigmoid_softmax, angular, taylor1, qt.
-* ``reductions`` (Table 3): taylor2, taylor2_pool (pool 2, 4), taylor2_chunk (chunks 2, 4, 8),
-  taylor2_random, qt (the reductions in their default ``scaling``; both scalings are compared in
-  ``qtvit bench approximation``).
-* Both end with ``none``, the control: every LiteMLA's attention output is zero while its
-  multi-scale aggregation, GELU(BN(v)) shortcut and projection stay, so only global token mixing
-  is removed. A kernel that does not beat it has not shown that its attention does anything.
-
-Defaults (a CPU budget of about 30 minutes per study on one core, both datasets in one command):
-the recipes ``configs/ablation/demo.yaml`` and ``configs/ablation/fashion_mnist.yaml`` — a
-0.18M-parameter QT-ViT layout whose two attention blocks see 8×8 tokens at 64 px, trained for
-a few hundred steps on the built-in demo set (the class is the alignment of two distant objects)
-and on Fashion-MNIST. The same command scales up::
-
-    torchrun --nproc_per_node 8 -m qtvit reproduce kernels --model qtvit_1 --data /data/imagenet \\
-        --epochs 300 --output-dir runs/table2
-
-(a folder dataset uses the model's YAML recipe from ``configs/`` unless ``--config`` names
-another; without ``--model`` it is QT-ViT-1's). On a CPU the built-in recipes run one intra-op
-thread per process (:func:`resolve_threads`).
-
-Outputs in ``--output-dir``: ``reproduce.json`` (settings, environment with the git commit,
-every run, summaries; rewritten after each run), ``table.md`` (Markdown for docs/RESULTS.md),
-``<study>.png`` and one trainer run folder per (dataset, kernel, seed) with its ``result.json``.
-A finished (dataset, kernel, seed) is never trained again: ``--resume`` skips it and continues an
-interrupted run from its checkpoint; an existing output folder is never reused without
-``--resume`` or ``--overwrite``. The seed is the trainer's ``train.seed``: initial weights, data
-order and, for the demo set, which images are drawn — one seed is one full replicate, and every
-kernel sees the same replicate.
-
-MACs are counted on the meta device for one image at the training size, as run (``impl=auto``)
-and with every linear-capable kernel on its O(N) path; the step time is forward + loss +
-backward + AdamW on one random batch, all kernels timed in interleaved rounds in one process.
+One run per (dataset, kernel, seed) on the project's trainer, nothing but the kernel changed, each
+study ending with the ``none`` control; what is reported and how: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -52,9 +15,11 @@ import shutil
 import statistics
 import sys
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -64,9 +29,10 @@ from ..kernels import get_kernel
 from ..train.classification import ClassificationTask
 from . import env as bench_env
 from .approximation import KernelCase, parse_case
+from .cli import add_config_arguments, config_from_args, config_helps, field_kind, flag, flag_name, show_value
+from .runner import Echo, check, error_text, format_grid
 
 SCHEMA_VERSION = 2
-Echo = Callable[[str], None]
 CONTROL = "none"
 
 STUDIES: dict[str, dict] = {
@@ -92,9 +58,6 @@ QUICK_OVERRIDES = ("train.epochs=1", "train.batch_size=8", "train.max_steps_per_
 QUICK_IMAGE_SIZE = 32
 
 
-# ------------------------------------------------------------------------------ settings
-
-
 @dataclass(frozen=True)
 class Dataset:
     """One dataset of a study: ``demo``, ``fashion-mnist`` (optionally ``fashion-mnist:DIR``) or a folder."""
@@ -118,58 +81,63 @@ class Dataset:
 
     @property
     def text(self) -> str:
+        """The command-line form :meth:`parse` reads back."""
         return self.path if self.name == "folder" else self.name + (f":{self.path}" if self.path else "")
 
-
-def parse_dataset(text: str) -> Dataset:
-    """``demo``, ``fashion-mnist``, ``fashion-mnist:/dir/with/idx`` or an image-folder path."""
-    text = text.strip()
-    name, sep, path = text.partition(":")
-    key = name.replace("_", "-").lower()
-    if key == "demo" and not sep:
-        return Dataset("demo")
-    if key == "fashion-mnist":
-        return Dataset("fashion-mnist", path or None)
-    if not Path(text).exists():
-        raise FileNotFoundError(f"--data {text!r}: neither demo, fashion-mnist[:DIR] nor an existing folder")
-    if not Path(text).is_dir():
-        raise NotADirectoryError(f"--data {text!r} is not a folder (expected class folders, or train/ and "
-                                 "val/)")
-    return Dataset("folder", text)
+    @staticmethod
+    def parse(text: str) -> Dataset:
+        """``demo``, ``fashion-mnist``, ``fashion-mnist:/dir/with/idx`` or an image-folder path."""
+        text = text.strip()
+        name, sep, path = text.partition(":")
+        key = name.replace("_", "-").lower()
+        if key == "demo" and not sep:
+            return Dataset("demo")
+        if key == "fashion-mnist":
+            return Dataset("fashion-mnist", path or None)
+        if not Path(text).exists():
+            raise FileNotFoundError(f"--data {text!r}: neither demo, fashion-mnist[:DIR] nor an existing "
+                                    "folder")
+        if not Path(text).is_dir():
+            raise NotADirectoryError(f"--data {text!r} is not a folder (expected class folders, or train/ "
+                                     "and val/)")
+        return Dataset("folder", text)
 
 
 @dataclass(frozen=True)
 class ReproConfig:
-    """Settings of one ``qtvit reproduce`` invocation (the CLI flags map onto these fields).
+    """Settings of one ``qtvit reproduce`` invocation (the CLI flags map onto these fields); ``None``
+    means the recipe's value (``configs/ablation/``, or for a folder ``config`` or the model's)."""
 
-    ``None`` means "the recipe's value": ``configs/ablation/`` for the built-in datasets, the
-    model's YAML recipe (or ``config``) for a folder.
-    """
+    FLAG_NAMES: ClassVar[dict[str, str]] = {"variants": "kernels", "datasets": "data"}
 
     study: str = "kernels"
-    variants: tuple[KernelCase, ...] | None = None  # None: the study's defaults
-    seeds: tuple[int, ...] = DEFAULT_SEEDS
-    datasets: tuple[Dataset, ...] = (Dataset("demo"), Dataset("fashion-mnist"))
-    model: str | None = None
-    config: str | None = None  # YAML recipe for every dataset (default: the built-in or the model's)
-    epochs: int | None = None
-    steps: int | None = None  # cap on steps per epoch
-    img_size: int | None = None
-    batch_size: int | None = None
-    val_images: int | None = None
-    ape: bool | None = None
-    shortcut: bool | None = None
+    variants: tuple[KernelCase, ...] | None = flag(  # None: the study's defaults
+        None, "kernels, optionally with parameters as name:param=value;param=value")
+    seeds: tuple[int, ...] = flag(DEFAULT_SEEDS, "training seeds")
+    datasets: tuple[Dataset, ...] = flag((Dataset("demo"), Dataset("fashion-mnist")),
+                                         "datasets: demo, fashion-mnist[:IDX_DIR], or an image folder")
+    model: str | None = flag(None, f"registered model (default: the recipes' {DEFAULT_MODEL} layout for the "
+                                   f"built-in data, {FOLDER_MODEL} with its recipe for a folder)")
+    config: str | None = flag(None, "trainer YAML recipe for every dataset (default: configs/ablation/"
+                                    "<dataset>.yaml for the built-in data, the model's recipe for a folder)")
+    epochs: int | None = flag(None, "training epochs per run (default: the recipe's)")
+    steps: int | None = flag(None, "cap on optimizer steps per epoch (default: the recipe's)")
+    img_size: int | None = flag(None, "training and evaluation resolution (single-resolution)")
+    batch_size: int | None = flag(None, "images per step and process")
+    val_images: int | None = flag(None, "evaluate on the first N held-out images")
+    threads: int | None = flag(None, "torch intra-op threads (default: 1 for the built-in recipes on a CPU, "
+                                     "else torch's)")
+    ape: bool | None = flag(None, "use APE on the keys, for every kernel (default: the model builder's)")
+    shortcut: bool | None = flag(None, "use the GELU(BN(v)) shortcut, for every kernel (default: the model "
+                                       "builder's)")
     overrides: tuple[str, ...] = ()  # trainer config overrides section.key=value, applied last
-    quick: bool = False
-    output_dir: str | None = None  # None: reproduce-<study>
-    device: str = "auto"
-    threads: int | None = None  # None: 1 for the built-in recipes on a CPU, else torch's
-    timing: bool = True
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N")
+    output_dir: str | None = flag(None, "results folder (default: reproduce-<study>)")
+    quick: bool = flag(False, "smoke test: 32 px, 2 steps of batch 8, 32 images")
+    timing: bool = flag(True, "time one training step per kernel")
     timing_repeats: int = 5
-    keep_checkpoints: bool = False
-    progress: bool = True
-
-    FLAGS = ("model", "config", "epochs", "steps", "img_size", "batch_size", "val_images", "threads")
+    keep_checkpoints: bool = flag(False, "keep each run's last.pt")
+    progress: bool = flag(True, "show progress bars")
 
     def variant_list(self) -> list[KernelCase]:
         if self.variants is not None:
@@ -186,40 +154,34 @@ class ReproConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k in keys}
 
     def validate(self) -> None:
-        """Raise QtvitError naming the first bad setting (unknown kernels list the valid ones)."""
+        """Raise ``QtvitError``/``ValueError`` naming the first bad setting (unknown kernels and models
+        list the valid ones)."""
+        from ..models import resolve_model_name
+
         if self.study not in STUDIES:
             raise QtvitError(f"unknown study {self.study!r}; valid: {', '.join(STUDIES)}")
         labels = [v.label for v in self.variant_list()]
-        if not labels:
-            raise QtvitError("no kernels to compare")
-        if len(set(labels)) != len(labels):
-            raise QtvitError(f"a kernel is listed twice: {', '.join(labels)}")
-        if not self.seeds:
-            raise QtvitError("no seeds")
-        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+        if len(set(labels)) != len(labels) or not labels:
+            raise QtvitError(f"a kernel is listed twice: {', '.join(labels)}" if labels
+                             else "no kernels to compare")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise QtvitError(f"seeds must be distinct non-negative integers; got {list(self.seeds)}")
-        if not self.datasets:
-            raise QtvitError("no datasets")
-        if len({d.slug for d in self.datasets}) != len(self.datasets):
-            raise QtvitError(f"two datasets share a name: {', '.join(d.label for d in self.datasets)}")
-        for name in (*self.FLAGS[2:], "timing_repeats"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise QtvitError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
-        if self.img_size is not None and self.img_size < 16:
-            raise QtvitError(f"--img-size must be at least 16 pixels; got {self.img_size}")
+        if not self.datasets or len({d.slug for d in self.datasets}) != len(self.datasets):
+            raise QtvitError(f"two datasets share a name: {', '.join(d.label for d in self.datasets)}"
+                             if self.datasets else "no datasets")
+        check(self, "≥ 1", "epochs", "steps", "batch_size", "val_images", "threads", "timing_repeats")
+        check(self, "≥ 16", "img_size")
+        if self.model is not None:
+            resolve_model_name(self.model)  # raises, listing the valid models
 
 
 QUICK = ReproConfig(quick=True, timing_repeats=1)
 
 
 def resolve_threads(rc: ReproConfig, device: torch.device) -> int | None:
-    """Intra-op threads: ``rc.threads``, else 1 when the built-in recipes train on a CPU.
-
-    Why 1: the study model is small (≈0.1 s per step of 32 images on one core), so a second
-    thread gains little, and when anything else runs on the machine (the other study, say) OpenMP's
-    threads wait for each other. None leaves torch's default.
-    """
+    """Intra-op threads: ``rc.threads``, else 1 when the built-in recipes train on a CPU (the model is
+    small, ≈0.1 s per step on one core, and with anything else running OpenMP's threads wait for
+    each other), else None (torch's default)."""
     if rc.threads is not None:
         return rc.threads
     builtin = rc.config is None and all(d.builtin for d in rc.datasets)
@@ -228,35 +190,20 @@ def resolve_threads(rc: ReproConfig, device: torch.device) -> int | None:
 
 def command_line(rc: ReproConfig) -> str:
     """The ``qtvit reproduce`` command that regenerates ``rc`` (flags that differ from the defaults)."""
-    default = QUICK if rc.quick else ReproConfig()
+    default, hints = QUICK if rc.quick else ReproConfig(), typing.get_type_hints(ReproConfig)
     parts = ["qtvit", "reproduce", rc.study]
-    defaults = [parse_case(v).label for v in STUDIES[rc.study]["variants"]]
-    if [v.label for v in rc.variant_list()] != defaults:
-        parts.append("--kernels " + ",".join(_case_text(v) for v in rc.variant_list()))
-    if rc.seeds != default.seeds:
-        parts.append("--seeds " + ",".join(map(str, rc.seeds)))
-    if rc.datasets != default.datasets:
-        parts.append("--data " + ",".join(d.text for d in rc.datasets))
-    parts += [f"--{n.replace('_', '-')} {getattr(rc, n)}" for n in rc.FLAGS if getattr(rc, n) is not None]
-    parts += [f"--{'' if getattr(rc, n) else 'no-'}{n}" for n in ("ape", "shortcut")
-              if getattr(rc, n) is not None]
-    parts += [f"--device {rc.device}"] if rc.device != "auto" else []
-    parts += ["--quick"] if rc.quick else []
-    parts += [f"--output-dir {rc.output_dir}"] if rc.output_dir is not None else []
+    for name in config_helps(ReproConfig):
+        value, kind, flag = getattr(rc, name), field_kind(hints[name]), flag_name(ReproConfig, name)
+        if value != getattr(default, name) or (name == "quick" and value):
+            parts.append(f"--{'' if value else 'no-'}{flag[2:]}" if kind == "bool" else
+                         f"{flag} {show_value(value, kind)}")
     return " ".join(parts + list(rc.overrides))
 
 
-def _case_text(case: KernelCase) -> str:
-    return case.kernel + (":" + ";".join(f"{k}={v}" for k, v in case.params.items()) if case.params else "")
-
-
 def paper_top1(case: KernelCase) -> float | None:
-    """The paper's ImageNet top-1 for ``case``, read from its kernel's ``reference`` text.
-
-    The text holds one number (``"79.4 (Table 2)"``) or one per setting of a parameter
-    (``"79.3 (pool 2) / 79.1 (pool 4) (Table 3)"``, ``"79.4 / 79.3 / 79.1 (chunks 2 / 4 / 8)"``);
-    a setting the paper did not report gives None.
-    """
+    """The paper's ImageNet top-1 for ``case`` from its kernel's ``reference``: one number (``"79.4
+    (Table 2)"``) or one per setting (``"79.3 (pool 2) / 79.1 (pool 4)"``, ``"79.4 / 79.3 / 79.1
+    (chunks 2 / 4 / 8)"``); None for a setting the paper did not report."""
     kern = get_kernel(case.kernel)
     text = kern.reference or ""
     numbers = [float(x) for x in re.findall(r"(?<![\w.])(\d{2,3}\.\d+)", text)]
@@ -269,9 +216,6 @@ def paper_top1(case: KernelCase) -> float | None:
         return None
     value = kern.resolve_params(case.params).get(names.pop())
     return numbers[values.index(value)] if value in values else None
-
-
-# ------------------------------------------------------------------------------ trainer configs
 
 
 def _recipe_for(model: str) -> str | None:
@@ -290,11 +234,9 @@ def _recipe_for(model: str) -> str | None:
 
 
 def base_config(rc: ReproConfig, dataset: Dataset):
-    """The trainer :class:`~qtvit.train.Config` for ``dataset`` before the kernel and seed are set.
-
-    The recipe (``--config``, else ``configs/ablation/<dataset>.yaml`` for the built-in data, else
-    the model's YAML recipe) ← ``--quick`` ← flags ← overrides.
-    """
+    """The trainer :class:`~qtvit.train.Config` for ``dataset`` before the kernel and seed are set: the
+    recipe (``--config``, ``configs/ablation/<dataset>.yaml``, the model's) ← ``--quick`` ← flags ←
+    overrides."""
     from ..train.config import load_config, merge_dict, parse_override, validate
 
     recipe = rc.config or RECIPES.get(dataset.name) or _recipe_for(rc.model or FOLDER_MODEL)
@@ -363,19 +305,12 @@ def case_slug(case: KernelCase) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "", case.label.replace("(", "-").replace(", ", "-").replace("=", ""))
 
 
-# ------------------------------------------------------------------------------ the task
-
-
 class ReproTask(ClassificationTask):
-    """Classification, with two differences for a study that trains many runs in one process:
-
-    * the built-in datasets are shared between the runs of one seed (every kernel reads the
-      same images, and the demo set renders each image once); only the last key is kept, runs
-      being ordered seed-major;
-    * with ``aug.no_aug`` evaluation does not crop either (``crop_pct`` 1.0): a model whose card
-      says 0.875 (the plain ViTs) would otherwise be evaluated zoomed in, which on the demo set
-      moves the objects and can change the class.
-    """
+    """Classification, for a study that trains many runs in one process: the built-in datasets are
+    shared between the runs of one seed (every kernel reads the same images, the demo set renders
+    each once; only the last key is kept, runs being seed-major); with ``aug.no_aug`` evaluation
+    does not crop either (``crop_pct`` 1.0: the plain ViTs' 0.875 would zoom in, which on the demo
+    set moves the objects and can change the class)."""
 
     _shared: dict[tuple, tuple] = {}
 
@@ -400,19 +335,21 @@ class ReproTask(ClassificationTask):
         return model
 
 
-# ------------------------------------------------------------------------------ measurements
-
-
 def model_facts(cfg, num_classes: int) -> dict:
-    """Parameters and MACs (as run; linear paths forced) of ``cfg.model`` at the training size."""
+    """Parameters, attention token grids (``"8×8, 8×8"``) and MACs (as run; linear paths forced) of
+    ``cfg.model`` at the training size."""
     from ..models.macs import count_macs
     from ..train.evaluate import build_model
 
     size = _train_size(cfg)
     with torch.device("meta"):
         net = build_model(cfg.model, num_classes)
-    facts = {"params": sum(p.numel() for p in net.parameters()), "size": size,
-             "macs": count_macs(net, (1, 3, size, size)), "macs_linear": None}
+    grids = [f"{-(-size // info['reduction'])}×{-(-size // info['reduction'])}"  # ⌈size / stride⌉
+             for info, stage in zip(getattr(net, "feature_info", []), getattr(net, "stages", []),
+                                    strict=False)
+             if any(hasattr(m, "kernel") and hasattr(m, "impl") for m in stage.modules())]
+    facts = {"params": sum(p.numel() for p in net.parameters()), "size": size, "macs_linear": None,
+             "tokens": ", ".join(grids) or None, "macs": count_macs(net, (1, 3, size, size))}
     forced = [m for m in net.modules() if isinstance(getattr(m, "kernel", None), str) and hasattr(m, "impl")
               and get_kernel(m.kernel).has_linear]
     for module in forced:
@@ -436,19 +373,17 @@ def _train_size(cfg) -> int:
     return int(size if isinstance(size, int) else max(size))
 
 
-def time_train_steps(cfgs: dict[str, object], num_classes: int, device: torch.device, repeats: int = 5,
-                     echo: Echo | None = None) -> dict[str, dict]:
-    """Median time of one training step per variant, timed in interleaved rounds.
-
-    A step is forward + loss (BCE or cross-entropy, as configured) + backward + AdamW step on one
-    random batch of ``train.batch_size`` images at the training size, under the configured AMP.
-    Returns label → :meth:`qtvit.bench.timing.Samples.stats` (``median_ms`` ...) or ``{"error": text}``.
-    """
+def time_train_steps(cfgs: dict[str, object], num_classes: int, device: torch.device, repeats: int = 5
+                     ) -> dict[str, dict]:
+    """Time one training step per variant in interleaved rounds: forward + loss (BCE or cross-entropy,
+    as configured) + backward + AdamW on one random batch of ``train.batch_size`` images at the
+    training size, under the configured AMP and memory format. Returns label →
+    :meth:`qtvit.bench.timing.Samples.stats` (``median_ms`` ...) or ``{"error": text}``."""
     import torch.nn.functional as F
 
-    from ..train.evaluate import autocast, build_model
+    from ..train.evaluate import build_model
     from ..train.trainer import AMP_DTYPES
-    from .timing import time_interleaved
+    from .timing import time_interleaved, train_step
 
     fns: dict[str, Callable[[], None]] = {}
     out: dict[str, dict] = {}
@@ -459,50 +394,24 @@ def time_train_steps(cfgs: dict[str, object], num_classes: int, device: torch.de
             torch.manual_seed(0)
             net = build_model(cfg.model, num_classes).to(device).train()
         except (ValueError, TypeError, RuntimeError, QtvitError) as err:
-            out[label] = {"error": str(err).splitlines()[0]}
+            out[label] = {"error": error_text(err)}
             continue
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
-        x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format  # as trained
+        x = torch.randn(batch, 3, size, size, generator=gen).to(device).contiguous(memory_format=fmt)
         y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
         target = F.one_hot(y, num_classes).float() if cfg.aug.bce else y
         loss_fn = F.binary_cross_entropy_with_logits if cfg.aug.bce else F.cross_entropy
-
-        def step(net=net, opt=opt, x=x, target=target, loss_fn=loss_fn,
-                 amp=AMP_DTYPES[cfg.train.amp]) -> None:
-            with autocast(device, amp):
-                loss = loss_fn(net(x).float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        fns[label] = step
+        net = net.to(memory_format=fmt)
+        fns[label] = train_step(net, x, target, loss_fn, AMP_DTYPES[cfg.train.amp], lr=1e-5)
     timed = time_interleaved(fns, device=device, warmup=2, repeats=repeats, min_repeats=min(3, repeats),
-                             min_sample_seconds=0.0, variant_seconds=1e9,  # always `repeats` samples
-                             on_progress=(lambda s: echo(f"  timing training steps: {s}")) if echo else None)
-    out.update({label: {"error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
-                for label, err in timed.errors.items()})
-    out.update({label: samples.stats() for label, samples in timed.samples.items()})
-    return out
-
-
-def _throughput(run_dir: Path) -> float | None:
-    """Median training images/s the trainer logged in ``run_dir`` (first record dropped: warm-up)."""
-    from ..train.metrics import read_metrics
-
-    rates = [r["images_per_s"] for r in read_metrics(run_dir, "step")
-             if isinstance(r.get("images_per_s"), float)]
-    rates = rates[1:] or rates
-    return statistics.median(rates) if rates else None
-
-
-# ------------------------------------------------------------------------------ output folder
+                             min_sample_seconds=0.0, variant_seconds=1e9)  # always `repeats` samples
+    return {**out, **{label: {"error": error_text(err)} for label, err in timed.errors.items()},
+            **{label: samples.stats() for label, samples in timed.samples.items()}}
 
 
 def prepare_output(rc: ReproConfig, resume: bool, overwrite: bool) -> dict | None:
-    """Check ``rc.out_dir()``: fresh, resumed (settings must match) or overwritten, never silently reused.
-
-    Returns the previous ``reproduce.json`` when resuming, else None.
-    """
+    """Check ``rc.out_dir()``: fresh, resumed (settings must match; returns the previous
+    ``reproduce.json``) or overwritten, never silently reused."""
     out = rc.out_dir()
     doc_path = out / "reproduce.json"
     if resume and overwrite:
@@ -545,9 +454,6 @@ def prepare_output(rc: ReproConfig, resume: bool, overwrite: bool) -> dict | Non
     return None
 
 
-# ------------------------------------------------------------------------------ summaries
-
-
 def summarize(runs: Sequence[dict]) -> dict:
     """Mean and sample standard deviation (n−1) of top-1 over finished runs; std None for one run."""
     top1 = [r["top1"] for r in runs if r.get("top1") is not None]
@@ -566,23 +472,12 @@ def control_gaps(entry: dict) -> None:
         v["gap"] = None if base is None or v["top1_mean"] is None or v is control else v["top1_mean"] - base
 
 
-def _fmt_pm(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "–"
-    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
-
-
 def _fmt_macs(macs: int | None) -> str:
     if macs is None:
         return "–"
     value, unit = next((macs / scale, unit) for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""))
                        if macs >= scale or scale == 1)
     return f"{value:#.3g}".rstrip(".") + unit  # three significant digits, trailing zeros kept
-
-
-def _fmt_ms(stats: dict | None) -> str:
-    ms = (stats or {}).get("median_ms")
-    return "–" if ms is None else (f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}")
 
 
 def _fmt_duration(seconds: float | None) -> str:
@@ -608,9 +503,12 @@ def _table_rows(entry: dict) -> list[list[str]]:
     rows = []
     for v in entry["variants"]:
         gap = "control" if v["kernel"] == CONTROL else ("–" if v.get("gap") is None else f"{v['gap']:+.2f}")
-        rows.append([v["label"], _fmt_pm(v["top1_mean"], v["top1_std"]), str(v["n"]), gap,
-                     "–" if v["paper_top1"] is None else f"{v['paper_top1']:.1f}", _fmt_macs(v.get("macs")),
-                     _fmt_macs(v.get("macs_linear")), _fmt_ms(v.get("step"))])
+        mean, std, ms = v["top1_mean"], v["top1_std"], (v.get("step") or {}).get("median_ms")
+        top1 = "–" if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
+        paper = "–" if v["paper_top1"] is None else f"{v['paper_top1']:.1f}"
+        rows.append([v["label"], top1, str(v["n"]), gap, paper,
+                     _fmt_macs(v.get("macs")), _fmt_macs(v.get("macs_linear")),
+                     "–" if ms is None else f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}"])
     return rows
 
 
@@ -650,14 +548,9 @@ def format_markdown(doc: dict) -> str:
 
 def format_text(doc: dict) -> list[str]:
     """A compact console table per dataset."""
-    lines = []
-    for entry in doc["datasets"]:
-        rows = [HEADER[:4] + ["paper", "MACs", "linear", "step ms"], *_table_rows(entry)]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-        lines.append(f"{entry['label']}: {_dataset_setup(entry)}")
-        lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                                   enumerate(zip(r, widths, strict=True))) for r in rows]
-    return lines
+    header = HEADER[:4] + ["paper", "MACs", "linear", "step ms"]
+    return [line for entry in doc["datasets"] for line in [f"{entry['label']}: {_dataset_setup(entry)}"]
+            + ["  " + row for row in format_grid(header, _table_rows(entry))]]
 
 
 def plot_study(doc: dict, path: str | Path) -> Path:
@@ -688,9 +581,9 @@ def plot_study(doc: dict, path: str | Path) -> Path:
             ax.axhline(100.0 / entry["setup"]["classes"], color="k", linestyle=":", linewidth=1,
                        label="chance")
         seen = [r["top1"] for v in variants for r in v["runs"] if r.get("top1") is not None]
-        ax.set_ylim(0.0, min(100.0, max(seen, default=10.0)) * 1.25 + 2.0)  # from 0: no false gaps
+        # from 0: no false gaps
+        ax.set(ylim=(0.0, min(100.0, max(seen, default=10.0)) * 1.25 + 2.0), ylabel="held-out top-1 % (ours)")
         ax.set_xticks(list(xs), [v["label"] for v in variants], rotation=35, ha="right")
-        ax.set_ylabel("held-out top-1 % (ours)")
         ax.set_title(entry["label"], fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         handles = ax.get_legend_handles_labels()[0]
@@ -698,24 +591,16 @@ def plot_study(doc: dict, path: str | Path) -> Path:
                  if v["paper_top1"] is not None]
         if paper:
             twin = ax.twinx()
-            twin.plot([p[0] for p in paper], [p[1] for p in paper], "kD", markersize=6,
-                      label="paper (ImageNet)")
-            twin.set_ylabel("paper ImageNet top-1 %")
-            values = [p[1] for p in paper]
-            low, span = min(values) - 1.0, max(values) - min(values) + 2.0
-            twin.set_ylim(low, low + 1.3 * span)
+            twin.plot(*zip(*paper, strict=True), "kD", markersize=6, label="paper (ImageNet)")
+            low, high = min(p[1] for p in paper) - 1.0, max(p[1] for p in paper) + 1.0
+            twin.set(ylabel="paper ImageNet top-1 %", ylim=(low, low + 1.3 * (high - low)))
             handles += twin.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left", ncol=3,
                   framealpha=0.9)
     study = STUDIES[doc["study"]]
     fig.suptitle(f"{study['table']}: {study['title']}, same model and budget per kernel")
     fig.tight_layout()
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
-
-
-# ------------------------------------------------------------------------------ the study
+    return _save(fig, path)
 
 
 class Study:
@@ -801,7 +686,6 @@ class Study:
             except (ValueError, TypeError, RuntimeError, QtvitError) as err:
                 raise QtvitError(f"kernel {case.label} does not work in model {base.model.name}: "
                                  f"{str(err).splitlines()[0]}") from None
-            out[case.label]["tokens"] = _attention_grids(base)
         return out
 
     def run(self) -> int:
@@ -822,10 +706,8 @@ class Study:
                     if result is None:
                         if v.get("step") is None:
                             self._time_steps(dataset, entry)
-                        left = statistics.fmean(done_here or [0.0]) * (total - index + 1)
-                        left = f" (about {_fmt_duration(left)} left)"
-                        self.echo(f"{where}: training{left if done_here else ''}")
-                        tick = time.perf_counter()
+                        left = _fmt_duration(statistics.fmean(done_here or [0.0]) * (total - index + 1))
+                        self.echo(f"{where}: training" + (f" (about {left} left)" if done_here else ""))
                         cfg = variant_config(self.bases[dataset.slug], case, seed, run_dir)
                         result, fit = self._train(cfg, run_dir)
                         if result is None:
@@ -835,7 +717,7 @@ class Study:
                                       f"{self.doc['command']} --resume"
                                       + ("" if rc.output_dir else f" --output-dir {self.out}"))
                             return 0 if fit.status == "paused" else 128 + (fit.signal or 2)
-                        done_here.append(time.perf_counter() - tick)
+                        done_here.append(result["seconds"])
                         self.echo(f"{where}: top-1 {result['top1']:.2f}% in {result['seconds']:.0f} s")
                     else:
                         self.echo(f"{where}: done before, top-1 {result['top1']:.2f}%")
@@ -864,6 +746,7 @@ class Study:
 
     def _train(self, cfg, run_dir: Path):
         """Train one (kernel, seed), resuming its checkpoint if an earlier invocation was interrupted."""
+        from ..train.metrics import read_metrics
         from ..train.trainer import Trainer
 
         self.worked = True
@@ -875,12 +758,15 @@ class Study:
         if fit.status != "done":
             return None, fit
         m = fit.metrics
+        rates = [r["images_per_s"] for r in read_metrics(run_dir, "step")
+                 if isinstance(r.get("images_per_s"), float)]
+        rates = rates[1:] or rates  # the first record is the warm-up
         result = {"seed": cfg.train.seed, "top1": m.get("top1"), "top5": m.get("top5"), "loss": m.get("loss"),
                   "val_images": m.get("images"), "epochs": fit.epoch, "steps": fit.global_step,
                   "seconds": round(time.perf_counter() - tick, 2), "resumed": resume,
-                  "images_per_s": _throughput(run_dir), "run_dir": str(run_dir)}
+                  "images_per_s": statistics.median(rates) if rates else None, "run_dir": str(run_dir)}
         if self.main:
-            write_atomic(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
+            write_json(result, run_dir / "result.json")
             if not self.rc.keep_checkpoints:
                 for name in ("last.pt", "best.pt"):
                     (run_dir / name).unlink(missing_ok=True)
@@ -935,20 +821,6 @@ class Study:
         du.cleanup()
 
 
-def _attention_grids(cfg) -> str | None:
-    """The token grids the attention blocks see at the training size, e.g. ``"8×8, 8×8"``."""
-    from ..train.evaluate import build_model
-
-    with torch.device("meta"):
-        net = build_model(cfg.model, 2)
-    size = _train_size(cfg)
-    grids = [f"{-(-size // info['reduction'])}×{-(-size // info['reduction'])}"
-             for info, stage in zip(getattr(net, "feature_info", []), getattr(net, "stages", []),
-                                    strict=False)
-             if any(hasattr(m, "kernel") and hasattr(m, "impl") for m in stage.modules())]
-    return ", ".join(grids) or None
-
-
 def _steps_per_epoch(cfg, dataset: Dataset, world_size: int) -> int | None:
     """Optimizer steps per epoch of ``cfg`` (the sampler's rule: full global batches, capped)."""
     n = {"demo": cfg.data.demo_train_size, "fashion-mnist": 60_000}.get(dataset.name)
@@ -980,25 +852,6 @@ def run_study(rc: ReproConfig, echo: Echo = print, resume: bool = False, overwri
     return code, study.doc
 
 
-# ------------------------------------------------------------------------------ CLI
-
-FLAG_HELP = {
-    "kernels": "kernels, optionally with parameters as name:param=value;param=value",
-    "seeds": "training seeds (default: 0,1,2)",
-    "data": "datasets: demo, fashion-mnist[:IDX_DIR], or an image folder (default: demo,fashion-mnist)",
-    "model": f"registered model (default: the recipes' {DEFAULT_MODEL} layout for the built-in data, "
-             f"{FOLDER_MODEL} with its recipe for a folder)",
-    "config": "trainer YAML recipe for every dataset (default: configs/ablation/<dataset>.yaml for demo "
-              "and fashion-mnist, the model's recipe for a folder)",
-    "epochs": "training epochs per run (default: the recipe's)",
-    "steps": "cap on optimizer steps per epoch (default: the recipe's)",
-    "img_size": "training and evaluation resolution (single-resolution)",
-    "batch_size": "images per step and process",
-    "val_images": "evaluate on the first N held-out images",
-    "threads": "torch intra-op threads (default: 1 for the built-in recipes on a CPU, else torch's)",
-}
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``qtvit reproduce`` with ``kernels`` and ``reductions``."""
     p = subparsers.add_parser("reproduce", help="the paper's kernel ablations (Tables 2 and 3) on your data",
@@ -1009,70 +862,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                 description=f"{spec['table']} of the paper ({spec['title']}) and the 'none' "
                                             "control: train the same model and data with each kernel, "
                                             "several seeds; write JSON, Markdown and PNG.")
-        for flag, text in FLAG_HELP.items():
-            kind = int if flag in ReproConfig.FLAGS[2:] else str
-            extra = f" (default: {','.join(spec['variants'])})" if flag == "kernels" else ""
-            sp.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=text + extra)
-        for flag, text in (("ape", "APE on the keys"), ("shortcut", "GELU(BN(v)) shortcut")):
-            sp.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
-                            help=f"{text} for every kernel (default: the model builder's)")
-        sp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-        sp.add_argument("--output-dir", help=f"results folder (default: reproduce-{name})")
-        for flag, text in (("resume", "continue the study in --output-dir"),
-                           ("overwrite", "start over in an existing --output-dir"),
-                           ("quick", "smoke test: 32 px, 2 steps of batch 8, 32 images"),
-                           ("no-timing", "skip the training-step timing"),
-                           ("keep-checkpoints", "keep each run's last.pt"),
-                           ("no-progress", "no progress bars")):
-            sp.add_argument(f"--{flag}", action="store_true", help=text)
+        helps = config_helps(ReproConfig)
+        helps["variants"] += f" (default: {','.join(spec['variants'])})"
+        add_config_arguments(sp, ReproConfig, helps)
+        sp.add_argument("--resume", action="store_true", help="continue the study in --output-dir")
+        sp.add_argument("--overwrite", action="store_true", help="start over in an existing --output-dir")
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="trainer config overrides section.key=value, applied last (e.g. optim.lr=1e-3)")
         sp.set_defaults(func=run)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _items(flag: str, text: str) -> list[str]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    if not items:
-        raise QtvitError(f"{flag}: empty list")
-    return items
-
-
-def config_from_args(args: argparse.Namespace) -> ReproConfig:
-    """Resolve the flags into a validated :class:`ReproConfig`."""
-    over: dict[str, object] = {"study": args.study}
-    if args.kernels is not None:
-        try:
-            over["variants"] = tuple(parse_case(s) for s in _items("--kernels", args.kernels))
-        except (ValueError, TypeError) as err:
-            raise QtvitError(f"--kernels: {err}") from None
-    if args.seeds is not None:
-        try:
-            over["seeds"] = tuple(int(s) for s in _items("--seeds", args.seeds))
-        except ValueError:
-            raise QtvitError(f"--seeds: {args.seeds!r} is not a comma-separated list of integers") from None
-    if args.data is not None:
-        over["datasets"] = tuple(parse_dataset(s) for s in _items("--data", args.data))
-    over.update({flag: getattr(args, flag) for flag in (*ReproConfig.FLAGS, "ape", "shortcut", "output_dir")
-                 if getattr(args, flag) is not None})
-    if args.model is not None:
-        from ..models import resolve_model_name
-
-        resolve_model_name(args.model)  # raises, listing the valid models
-    over.update(overrides=tuple(args.overrides), device=args.device, timing=not args.no_timing,
-                keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress)
-    rc = replace(QUICK if args.quick else ReproConfig(), **over)
-    rc.validate()
-    return rc
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``qtvit reproduce kernels|reductions``."""
-    code, _ = run_study(config_from_args(args), echo=print, resume=args.resume, overwrite=args.overwrite)
-    return code
+    base = replace(QUICK if args.quick else ReproConfig(), study=args.study, overrides=tuple(args.overrides))
+    return run_study(config_from_args(base, args), echo=print, resume=args.resume,
+                     overwrite=args.overwrite)[0]
 
-
-__all__ = ["CONTROL", "Dataset", "QUICK", "RECIPES", "ReproConfig", "ReproTask", "STUDIES", "Study",
-           "base_config", "case_slug", "command_line", "config_from_args", "control_gaps", "format_markdown",
-           "format_text", "model_facts", "paper_top1", "parse_dataset", "plot_study", "prepare_output",
-           "register", "run", "run_study", "summarize", "time_train_steps", "variant_config"]

@@ -1,31 +1,9 @@
-"""The one sweep runner behind ``qtvit bench attention``, ``models`` and ``pareto``.
-
-A benchmark is a sequence of *steps* (a token count, a resolution and batch, ...); a step is a
-set of :class:`Job` s, one per variant, timed together with
-:func:`~qtvit.bench.timing.time_interleaved` (rounds in rotated order, so machine noise hits
-every variant alike) and then called once more for peak memory. The runner owns what the three
-benchmarks share:
-
-* the result document: ``benchmark``, ``schema_version``, ``command`` (when run as ``qtvit
-  bench``), ``env`` (the environment header of :mod:`qtvit.bench.env`: git commit and dirty
-  flag, machine load at start and end), ``config`` (resolved settings and protocols),
-  ``results`` (one entry per job), ``elapsed_seconds`` and ``complete``; written atomically
-  after every step when a path is given;
-* skipping, with the code and reason in the entry: a variant's time and peak memory per item
-  measured so far are fitted as a·x + b·x² in the step's size x (tokens, pixels; the two largest
-  sizes; one size: ∝ x, or ∝ x² for quadratic variants) and extrapolated. A job is skipped when
-  the prediction exceeds ``max_call_seconds`` (``time``), ``memory_fraction`` of the memory
-  available now (``memory``) or what is left of ``max_seconds`` (``budget``), when it failed at
-  a smaller size (``failed``), or when the benchmark says so (e.g. ``cap``). A variant whose
-  warm-up call alone exceeds ``max_call_seconds`` is dropped too (``time``). Every entry carries
-  the prediction (``predicted_ms``, ``predicted_peak_mb``) when there is one;
-* ``compile``: every call is made once before the warm-up (its seconds recorded as
-  ``compile_seconds``), inside :func:`~qtvit.bench.env.compile_scope`;
-* progress on stderr (a tqdm bar when tqdm is installed, else one line per step).
-"""
+"""The one sweep runner behind ``qtvit bench attention``, ``models`` and ``pareto``: steps of jobs timed
+together, skips with predictions, the result document (method and fields: docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shlex
 import sys
@@ -38,6 +16,7 @@ import torch
 
 from ..io import write_json
 from . import env as bench_env
+from .cli import flag
 from .timing import VARIANT_ERRORS, MiB, PeakMemoryMeter, make_peak_meter, time_interleaved
 
 SCHEMA_VERSION = 2
@@ -48,71 +27,57 @@ TIMING_METHOD = ("interleaved rounds (rotated order) after warm-up; fast calls l
 Echo = Callable[[str], None]
 
 
+def check(config: object, rule: str, *names: str) -> None:
+    """Raise ``ValueError`` for the first of ``names`` breaking ``rule`` (``≥ 1``, ``> 0``): a number, or a
+    non-empty tuple of them (None passes)."""
+    op, bound = rule.split()
+    for name in names:
+        value = getattr(config, name)
+        items = value if isinstance(value, tuple) else () if value is None else (value,)
+        if value == () or not all(v >= float(bound) if op == "≥" else v > float(bound) for v in items):
+            raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
-    """Settings every benchmark shares; each benchmark's config subclasses it (and its CLI flags
-    are generated from the fields, see :mod:`qtvit.bench.cli`)."""
+    """Settings every benchmark shares; each benchmark's config subclasses it (the fields declared
+    with :func:`~qtvit.bench.cli.flag` are its command-line flags; their meaning: docs/BENCHMARKS.md)."""
 
-    device: str = "cpu"
-    dtype: str = "float32"
-    warmup: int = 1
-    repeats: int = 10
-    # a variant whose `repeats` samples would take longer than `variant_seconds` gets fewer,
-    # but never fewer than `min_repeats` (a median of 3 still rejects one outlier)
-    min_repeats: int = 3
+    device: str = flag("cpu", "cpu or cuda[:i]")
+    dtype: str = flag("float32", "weights/input dtype")
+    warmup: int = flag(1, "warm-up calls per variant")
+    repeats: int = flag(10, "timed samples per variant")
+    min_repeats: int = 3  # fewest samples of a variant whose `repeats` would exceed `variant_seconds`
     variant_seconds: float = 1.0
-    # fast calls are looped until one sample lasts this long (timer and launch noise ≪ sample)
-    min_sample_seconds: float = 0.01
-    max_call_seconds: float = 5.0
-    max_seconds: float = 540.0  # budget of the whole run
-    memory_fraction: float = 0.8  # of the memory available at the time (the machine may be shared)
-    memory: bool = True  # measure peak memory
-    # "wall": wall-clock time; "cpu": this process's CPU time (time.process_time), which on a busy
-    # machine leaves out the time spent waiting for a core (use with threads=1: it sums threads)
-    clock: str = "wall"
-    compile: bool = False  # torch.compile every variant
-    # intra-op threads (torch.set_num_threads) for the run; None keeps torch's default. On a busy
-    # machine fewer threads than cores avoid stalls at OpenMP barriers
-    threads: int | None = None
+    min_sample_seconds: float = 0.01  # fast calls are looped until one sample lasts this long
+    max_call_seconds: float = flag(5.0, "skip variants predicted (or first measured) slower than this per "
+                                        "call (s)")
+    max_seconds: float = flag(540.0, "budget of the run (s)")
+    memory_fraction: float = 0.8  # of the memory available at the time
+    memory: bool = flag(True, "measure peak memory")
+    clock: str = flag("wall", "wall (wall-clock) or cpu (process CPU time: robust on a busy machine; use "
+                              "--threads 1)")
+    compile: bool = flag(False, "torch.compile every variant (compile time in the JSON)")
+    threads: int | None = flag(None, "torch intra-op threads (default: torch's choice)")
     seed: int = 0
-    progress: bool = True
-    system_malloc: bool = False  # recorded in the header (the CLI re-runs itself otherwise)
+    progress: bool = flag(True, "show progress on stderr")
+    system_malloc: bool = flag(False, "keep glibc's malloc thresholds (default: re-run with tuned ones, "
+                                      "docs/BENCHMARKS.md)")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
-        for name in ("repeats", "min_repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be ≥ 1, got {self.threads}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be ≥ 0, got {self.warmup}")
-        for name in ("variant_seconds", "min_sample_seconds", "max_call_seconds", "max_seconds"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check(self, "≥ 1", "repeats", "min_repeats", "threads")
+        check(self, "≥ 0", "warmup")
+        check(self, "> 0", "variant_seconds", "min_sample_seconds", "max_call_seconds", "max_seconds")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
-        cpu_device = parse_device(self.device).type == "cpu"
-        if self.clock not in ("wall", "cpu") or (self.clock == "cpu" and not cpu_device):
+        device = parse_device(self.device)
+        if self.clock not in ("wall", "cpu") or (self.clock == "cpu" and device.type != "cpu"):
             raise ValueError(f"clock must be wall, or cpu on a CPU device, got {self.clock!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} not supported; choose from {', '.join(DTYPES)}")
-        device = parse_device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: CUDA is not available in this torch build/machine")
-
-
-# command-line help of the BenchConfig fields every benchmark exposes as flags (qtvit.bench.cli)
-COMMON_HELPS = {
-    "device": "cpu or cuda[:i]", "dtype": "weights/input dtype",
-    "threads": "torch intra-op threads (default: torch's choice)", "repeats": "timed samples per variant",
-    "warmup": "warm-up calls per variant", "max_seconds": "budget of the run (s)",
-    "compile": "torch.compile every variant (compile time in the JSON)",
-    "max_call_seconds": "skip variants predicted (or first measured) slower than this per call (s)",
-    "memory": "measure peak memory", "progress": "show progress on stderr",
-    "clock": "wall (wall-clock) or cpu (process CPU time: robust on a busy machine; use --threads 1)",
-    "system_malloc": "keep glibc's malloc thresholds (default: re-run with tuned ones, qtvit/bench/env.py)",
-}
 
 
 def parse_device(text: str) -> torch.device:
@@ -132,16 +97,9 @@ def error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}"
 
 
-# ----------------------------------------------------------------------------- prediction
-
-
 def fit_predict(points: Sequence[tuple[float, float]], x: float, quadratic: bool) -> float | None:
-    """Extrapolate a cost measured at ``points`` = [(size, value)] to size ``x``.
-
-    Two or more sizes: value = a·x + b·x² through the two largest (a, b ≥ 0; a negative
-    coefficient is dropped and the other refitted to the largest point). One size: ∝ x, or ∝ x²
-    when ``quadratic``. None without points.
-    """
+    """Extrapolate a cost measured at ``points`` = [(size, value)] to size ``x`` (None without points):
+    a·x + b·x² (a, b ≥ 0) through the two largest sizes; from one size ∝ x, or ∝ x² when ``quadratic``."""
     best: dict[float, float] = {}
     for p, v in points:
         if v is not None and p > 0:
@@ -151,8 +109,7 @@ def fit_predict(points: Sequence[tuple[float, float]], x: float, quadratic: bool
     sizes = sorted(best)
     if len(sizes) == 1:
         return best[sizes[0]] * (x / sizes[0]) ** (2 if quadratic else 1)
-    p1, p2 = sizes[-2], sizes[-1]
-    v1, v2 = best[p1], best[p2]
+    (p1, v1), (p2, v2) = ((p, best[p]) for p in sizes[-2:])
     b = (v2 / p2 - v1 / p1) / (p2 - p1)
     a = v1 / p1 - b * p1
     if b < 0:
@@ -164,11 +121,7 @@ def fit_predict(points: Sequence[tuple[float, float]], x: float, quadratic: bool
 
 @dataclass
 class History:
-    """Per series (a variant in one mode): [(size, batch, seconds per item, peak bytes per item)].
-
-    Predictions use the points measured at the batch size asked for, else at the largest batch
-    measured (the cost per item falls with the batch, so batch 1 would over-predict batch 32).
-    """
+    """Per series (a variant in one mode): [(size, batch, seconds per item, peak bytes per item)]."""
 
     points: dict[str, list[tuple[float, int, float | None, float | None]]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
@@ -177,19 +130,16 @@ class History:
         per_item = [None if v is None else v / batch for v in (seconds, peak)]
         self.points.setdefault(series, []).append((size, batch, *per_item))
 
-    def predict(self, series: str, size: float, batch: int, quadratic: bool
+    def predict(self, series: str, size: float, batch: int, quadratic: bool, factor: float = 1.0
                 ) -> tuple[float | None, float | None]:
-        """(seconds, peak bytes) of one call at ``size`` and ``batch``; None where nothing is known."""
+        """(seconds, peak bytes) of one call at ``size`` and ``batch`` (× ``factor``); None where unknown."""
         pts = self.points.get(series, [])
         if not pts:
             return None, None
         use = batch if batch in {p[1] for p in pts} else max(p[1] for p in pts)
         pts = [p for p in pts if p[1] == use]
         out = [fit_predict([(p[0], p[i]) for p in pts if p[i] is not None], size, quadratic) for i in (2, 3)]
-        return tuple(None if v is None else v * batch for v in out)
-
-
-# ----------------------------------------------------------------------------------- jobs
+        return tuple(None if v is None else v * batch * factor for v in out)
 
 
 @dataclass
@@ -208,57 +158,22 @@ class Job:
     extra_bytes: int = 0  # memory the call needs beyond the prediction (optimizer state)
 
 
-class Progress:
-    """Progress on stderr: a tqdm bar over steps if tqdm is installed, plain lines otherwise."""
-
-    def __init__(self, total: int, enabled: bool, name: str) -> None:
-        self.total, self.enabled, self.done, self.bar, self.name = total, enabled, 0, None, name
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def start(self, label: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(label)
-        elif self.enabled:
-            print(f"[{self.name} {self.done + 1}/{self.total}] {label} ...", file=sys.stderr, flush=True)
-
-    def phase(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=True)
-
-    def finish(self, summary: str) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.enabled:
-            print(f"[{self.name} {self.done}/{self.total}] {summary}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 class Sweep:
-    """Runs the steps of one benchmark and keeps its result document (see the module docstring).
-
-    Use as a context manager: the environment header is taken on construction; on exit the
-    machine load at the end, ``complete`` and the final JSON are written (also after an error,
-    so an interrupted run keeps what it measured, marked incomplete).
-    """
+    """Runs the steps of one benchmark and keeps its result document; a context manager whose exit
+    writes the JSON (after an error too, marked incomplete)."""
 
     def __init__(self, name: str, config: BenchConfig, steps: int, checkpoint: str | Path | None = None,
-                 **config_extra: object) -> None:
+                 echo: Echo | None = None, settings: str = "", **config_extra: object) -> None:
         config.validate()
-        self.config, self.checkpoint = config, checkpoint
+        self.config, self.checkpoint, self.echo, self.settings = config, checkpoint, echo, settings
         self.device, self.dtype = parse_device(config.device), DTYPES[config.dtype]
         self.meter = make_peak_meter(self.device) if config.memory else PeakMemoryMeter()
-        self.history = History()
-        self.progress = Progress(steps, config.progress, name)
+        self.history, self.steps, self.done, self.bar = History(), steps, 0, None
+        if config.progress:
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=steps, unit="step", file=sys.stderr, dynamic_ncols=True)
         self.doc = {
             "benchmark": name, "schema_version": SCHEMA_VERSION,
             "env": bench_env.collect_environment(self.device, self.dtype, config.system_malloc),
@@ -273,39 +188,59 @@ class Sweep:
         self.deadline = self.start + config.max_seconds
 
     def __enter__(self) -> Sweep:
-        self._threads = torch.get_num_threads()
+        self._threads, env = torch.get_num_threads(), self.doc["env"]
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
-        self.doc["env"]["threads"] = torch.get_num_threads()
+        env["threads"] = torch.get_num_threads()
+        self.report([f"qtvit bench {self.doc['benchmark']}",
+                     *(f"  {line}" for line in bench_env.format_environment(env)),
+                     f"  machine load at the start: {bench_env.format_load(env['load_start'])}",
+                     f"  {self.settings}", f"  memory: {self.meter.method}", ""], footer=False)
         return self
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self._threads)
-        self.progress.close()
+        if self.bar is not None:
+            self.bar.close()
         self.doc["env"]["load_end"] = bench_env.machine_load()
         self.doc["elapsed_seconds"] = round(time.perf_counter() - self.start, 2)
-        budget_skips = any(e["skip"] == "budget" for e in self.doc["results"])
-        self.doc["complete"] = exc[0] is None and not budget_skips
+        self.doc["complete"] = exc[0] is None and not any(e["skip"] == "budget" for e in self.doc["results"])
         self.save()
 
     def save(self) -> None:
         if self.checkpoint is not None:
             write_json(self.doc, self.checkpoint)
 
-    # ------------------------------------------------------------------------- one step
+    def _line(self, n: int, text: str) -> None:  # a progress line on stderr, without a tqdm bar
+        if self.config.progress and self.bar is None:
+            print(f"[{self.doc['benchmark']} {n}/{self.steps}] {text}", file=sys.stderr, flush=True)
+
+    def _phase(self, text: str) -> None:  # the stage of the current step, on the tqdm bar
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+
+    def report(self, lines: list[str], footer: bool = True) -> None:
+        """Print ``lines`` through ``echo``, then (``footer``) the load at the end, elapsed time, warnings."""
+        env, warning = self.doc["env"], bench_env.busy_warning(self.doc["env"])
+        if footer:
+            lines = [*lines, f"machine load at the end: {bench_env.format_load(env.get('load_end') or {})}; "
+                     f"{self.doc['elapsed_seconds']:.0f} s", *([warning] if warning else []),
+                     *(["warning: run from a DIRTY git tree: the numbers belong to no commit"]
+                       if (env.get("git") or {}).get("dirty") else [])]
+        for line in lines if self.echo else []:
+            self.echo(line)
+
     def run(self, label: str, jobs: Sequence[Job], deadline: float | None = None, **timing: object
             ) -> list[dict]:
-        """Measure ``jobs`` together; append their entries to the document and return them.
-
-        ``timing`` overrides the config's warmup/repeats/min_repeats/variant_seconds for this step,
-        ``deadline`` (a ``perf_counter`` time) the run's.
-        """
-        cfg = self.config
-        t = {k: timing.get(k, getattr(cfg, k))
-             for k in ("warmup", "repeats", "min_repeats", "variant_seconds")}
+        """Measure ``jobs`` together; append their entries to the document and return them. ``timing``
+        overrides the config's warmup/repeats/min_repeats/variant_seconds, ``deadline`` the run's."""
+        t = {k: timing.get(k, getattr(self.config, k)) for k in ("warmup", "repeats", "min_repeats",
+                                                                  "variant_seconds")}
         t["min_repeats"] = min(t["min_repeats"], t["repeats"])
         deadline = self.deadline if deadline is None else deadline
-        self.progress.start(label)
+        self._line(self.done + 1, f"{label} ...")
+        if self.bar is not None:
+            self.bar.set_description(label)
         remaining = deadline - time.perf_counter()
         available = bench_env.available_memory_bytes(self.device)
         entries, active = [], []
@@ -324,8 +259,11 @@ class Sweep:
         self.doc["results"] += entries
         self.doc["elapsed_seconds"] = round(time.perf_counter() - self.start, 2)
         counts = {s: sum(e["status"] == s for e in entries) for s in ("ok", "skipped", "error")}
-        self.progress.finish(f"{label}: " + ", ".join(f"{c} {s}" for s, c in counts.items() if c)
-                             + f" ({self.doc['elapsed_seconds']:.0f} s so far)")
+        self.done += 1
+        self._line(self.done, f"{label}: " + ", ".join(f"{c} {s}" for s, c in counts.items() if c)
+                   + f" ({self.doc['elapsed_seconds']:.0f} s so far)")
+        if self.bar is not None:
+            self.bar.update(1)
         self.save()
         return entries
 
@@ -341,8 +279,7 @@ class Sweep:
             return "failed", failed, 0.0
         seconds, peak = self.history.predict(job.series, job.size, job.batch, job.quadratic)
         if seconds is None and job.fallback is not None:
-            seconds, peak = (None if v is None else v * factor
-                             for v in self.history.predict(fallback, job.size, job.batch, job.quadratic))
+            seconds, peak = self.history.predict(fallback, job.size, job.batch, job.quadratic, factor)
         entry.update(predicted_ms=None if seconds is None else seconds * 1e3,
                      predicted_peak_mb=None if peak is None else peak / MiB)
         if seconds is not None and seconds > cfg.max_call_seconds:
@@ -371,25 +308,23 @@ class Sweep:
                 try:
                     calls[i] = job.build()
                     if cfg.compile:  # the first call compiles: timed apart from the samples
-                        self.progress.phase(f"compiling {job.series}")
+                        self._phase(f"compiling {job.series}")
                         start = time.perf_counter()
                         calls[i]()
                         entry["compile_seconds"] = round(time.perf_counter() - start, 3)
-                except (*VARIANT_ERRORS, ImportError) as err:
-                    errors[i] = err
                 except Exception as err:  # noqa: BLE001  (inductor raises many types: recorded per variant)
-                    if not cfg.compile:
+                    if not (cfg.compile or isinstance(err, (*VARIANT_ERRORS, ImportError))):
                         raise
                     errors[i] = err
             timed = time_interleaved(
                 {i: c for i, c in calls.items() if i not in errors}, device=self.device, warmup=t["warmup"],
                 repeats=t["repeats"], min_repeats=t["min_repeats"], min_sample_seconds=cfg.min_sample_seconds,
                 variant_seconds=t["variant_seconds"], max_call_seconds=cfg.max_call_seconds,
-                deadline=deadline, extra_calls=int(cfg.memory), on_progress=self.progress.phase,
+                deadline=deadline, extra_calls=int(cfg.memory), on_progress=self._phase,
                 timer=time.process_time if cfg.clock == "cpu" else time.perf_counter)
             errors.update(timed.errors)
             peaks: dict[int, int | None] = {}
-            self.progress.phase("memory")
+            self._phase("memory")
             for i in timed.samples:
                 try:
                     peaks[i] = self.meter.measure(calls[i])
@@ -413,9 +348,6 @@ class Sweep:
                 self.history.add(job.series, job.size, job.batch, stats["median_ms"] / 1e3, peak)
 
 
-# --------------------------------------------------------------------------------- output
-
-
 def format_grid(header: list[str], rows: list[list[str]]) -> list[str]:
     """A plain-text table: first column left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -425,33 +357,6 @@ def format_grid(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def status_cell(entry: dict | None) -> str | None:
     """``-`` (not run), ``skip:<code>``, ``error``, or None for a measured entry."""
-    if entry is None:
-        return "-"
-    if entry["status"] == "skipped":
-        return f"skip:{entry['skip']}"
-    return "error" if entry["status"] == "error" else None
-
-
-def format_header(doc: dict, settings: str) -> list[str]:
-    """The benchmark's name, the environment, the load at the start and ``settings``, as lines."""
-    load = doc["env"].get("load_start")
-    env_lines = bench_env.format_environment(doc["env"])
-    return [f"qtvit bench {doc['benchmark']}", *(f"  {line}" for line in env_lines),
-            *([f"  machine load at the start: {bench_env.format_load(load)}"] if load else []),
-            f"  {settings}", f"  memory: {doc['config']['memory_method']}", ""]
-
-
-def format_footer(doc: dict) -> list[str]:
-    """Load at the end, elapsed time, and warnings (busy machine, dirty tree)."""
-    lines = [f"machine load at the end: {bench_env.format_load(doc['env'].get('load_end') or {})}; "
-             f"{doc['elapsed_seconds']:.0f} s"]
-    warning = bench_env.busy_warning(doc["env"])
-    if warning:
-        lines.append(warning)
-    if (doc["env"].get("git") or {}).get("dirty"):
-        lines.append("warning: run from a DIRTY git tree: the numbers belong to no commit")
-    return lines
-
-
-__all__ = ["BenchConfig", "DTYPES", "History", "Job", "Sweep", "error_text", "fit_predict", "format_footer",
-           "format_grid", "format_header", "parse_device", "status_cell"]
+    if entry is None or entry["status"] != "ok":
+        return "-" if entry is None else "error" if entry["status"] == "error" else f"skip:{entry['skip']}"
+    return None

@@ -1,32 +1,5 @@
-"""Timing and peak-memory measurement shared by the benchmarks.
-
-Timing (:func:`time_interleaved`): every variant is warmed up, its inner loop sized so one
-sample lasts at least ``min_sample_seconds`` (fast ops are timed over several calls), then the
-samples are taken in rounds, each round visiting every variant once in a rotated order, so that
-machine noise (other processes, frequency changes) hits all variants alike. Slow variants take
-part in fewer rounds (at least ``min_repeats``) so one config stays within its budget. Times are
-wall-clock (``time.perf_counter``; or the process's CPU time, ``timer=time.process_time``, which
-on a busy CPU leaves out the time spent waiting for a core) around the inner loop, with
-``torch.cuda.synchronize`` before
-and after on CUDA, so they include launch overhead as a user would see it. Reported: median,
-quartiles, IQR, min, mean (ms per call), and minor page faults per call (a diagnostic for the
-allocator; see :mod:`qtvit.bench.env`).
-
-Peak memory (:func:`make_peak_meter`): the memory one call needs above what exists when it
-starts (inputs included in "exists", the output included in "needs").
-  * CUDA: ``torch.cuda.reset_peak_memory_stats`` then ``max_memory_allocated`` minus the
-    allocated bytes at the start.
-  * CPU on Linux: the process's peak RSS (``VmHWM``) is reset to the current RSS by writing
-    ``5`` to ``/proc/self/clear_refs``; the call runs; the peak minus the RSS at the reset is its
-    footprint. Freed memory that malloc keeps resident (the benchmark's tuned malloc keeps it all)
-    would be reused without raising the RSS, so ``malloc_trim(0)`` first returns every free page
-    to the OS: the RSS at the reset is then the live data, and every page the call touches is
-    counted. Resolution: the kernel syncs per-thread RSS counters lazily, about 0.25 MB per thread.
-    This is memory the process really holds, so heap fragmentation counts too (a loop that frees
-    a big temporary per chunk but keeps a small result can make glibc take fresh pages for every
-    chunk); it can depend on the malloc settings, which the JSON header records.
-  * Elsewhere: not measured (``None``), and the method string says why.
-"""
+"""Timing (:func:`time_interleaved`) and peak-memory meters (:func:`make_peak_meter`) shared by the
+benchmarks; how they measure: docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -50,13 +23,6 @@ MiB = 2**20
 VARIANT_ERRORS = (RuntimeError, ValueError, TypeError, MemoryError)
 
 
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    """A function that waits for ``device`` to finish its queued work (a no-op on CPU)."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
 def minor_faults() -> int:
     """Minor page faults of this process so far (0 where ``resource`` does not exist)."""
     try:
@@ -77,28 +43,10 @@ class Samples:
     def stats(self) -> dict[str, float | int]:
         """Median, quartiles, IQR, min, mean in ms per call; sample count; faults per call."""
         ms = sorted(t * 1e3 for t in self.times)
-        if len(ms) >= 2:
-            q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
-        else:
-            q1 = q3 = ms[0]
-        calls = len(ms) * self.number
-        return {
-            "median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
-            "min_ms": ms[0], "mean_ms": statistics.fmean(ms), "samples": len(ms),
-            "number": self.number, "page_faults_per_call": self.faults / calls,
-        }
-
-
-def _time_calls(fn: Callable[[], object], number: int, sync: Callable[[], None],
-                timer: Callable[[], float] = time.perf_counter) -> tuple[float, int]:
-    """Seconds per call over ``number`` calls, and the minor faults they caused."""
-    sync()
-    faults = minor_faults()
-    start = timer()
-    for _ in range(number):
-        fn()
-    sync()
-    return (timer() - start) / number, minor_faults() - faults
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) >= 2 else ms * 3
+        return {"median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
+                "min_ms": ms[0], "mean_ms": statistics.fmean(ms), "samples": len(ms), "number": self.number,
+                "page_faults_per_call": self.faults / (len(ms) * self.number)}
 
 
 @dataclass
@@ -111,51 +59,33 @@ class Interleaved:
     dropped: dict[str, tuple[str, str, float]] = field(default_factory=dict)
 
 
-def time_interleaved(
-    fns: dict[str, Callable[[], object]],
-    *,
-    device: torch.device,
-    warmup: int = 1,
-    repeats: int = 10,
-    min_repeats: int = 3,
-    min_sample_seconds: float = 0.01,
-    variant_seconds: float = 1.0,
-    max_call_seconds: float | None = None,
-    deadline: float | None = None,
-    extra_calls: int = 0,
-    on_progress: Callable[[str], None] | None = None,
-    timer: Callable[[], float] = time.perf_counter,
-) -> Interleaved:
-    """Time every function in ``fns`` with interleaved rounds (see the module docstring).
+def time_interleaved(fns: dict[str, Callable[[], object]], *, device: torch.device, warmup: int = 1,
+                     repeats: int = 10, min_repeats: int = 3, min_sample_seconds: float = 0.01,
+                     variant_seconds: float = 1.0, max_call_seconds: float | None = None,
+                     deadline: float | None = None, extra_calls: int = 0,
+                     on_progress: Callable[[str], None] | None = None,
+                     timer: Callable[[], float] = time.perf_counter) -> Interleaved:
+    """Time each zero-argument call of ``fns`` (name → call) in interleaved rounds (docs/BENCHMARKS.md):
+    ``warmup`` untimed rounds (0: single calls), ``repeats`` samples, ≥ ``min_repeats`` past
+    ``variant_seconds``; drops variants slower than ``max_call_seconds`` ("time") or missing ``deadline``
+    (a ``perf_counter`` value) with their samples and the caller's ``extra_calls`` ("budget")."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    Args:
-        fns: variant name → zero-argument callable doing one call.
-        device: where the work runs (CUDA is synchronised around each sample).
-        warmup: untimed rounds first (the last one sizes the inner loop); 0 times single calls.
-        repeats: samples per variant.
-        min_repeats: fewest samples for a variant whose ``repeats`` samples would exceed
-            ``variant_seconds``.
-        min_sample_seconds: an inner loop repeats a fast call until a sample lasts this long.
-        variant_seconds: timing budget per variant (beyond warm-up).
-        max_call_seconds: a variant whose first warm-up call took longer is dropped (code "time").
-        deadline: ``time.perf_counter()`` value to finish by: after warm-up, variants are kept in
-            order while their planned samples (at least ``min_repeats``) and ``extra_calls`` fit
-            before it, the rest are dropped (code "budget"); no round starts after it once every
-            variant has ``min_repeats`` samples.
-        extra_calls: calls per variant the caller makes afterwards (a memory measurement), planned in.
-        on_progress: called with a short phase description.
-        timer: the clock of the samples (deadlines stay on ``time.perf_counter``).
-    """
-    sync = synchronizer(device)
-    out = Interleaved()
-    last: dict[str, float] = {}
-    names = list(fns)
+    def time_calls(fn: Callable[[], object], number: int) -> tuple[float, int]:
+        sync()
+        faults, start = minor_faults(), timer()
+        for _ in range(number):
+            fn()
+        sync()
+        return (timer() - start) / number, minor_faults() - faults
+
+    out, last, names = Interleaved(), {}, list(fns)
     for round_ in range(warmup):
         if on_progress:
             on_progress(f"warm-up {round_ + 1}/{warmup}")
         for name in names:
             try:
-                last[name], _ = _time_calls(fns[name], 1, sync, timer)
+                last[name], _ = time_calls(fns[name], 1)
             except VARIANT_ERRORS as err:
                 out.errors[name] = err
                 continue
@@ -171,8 +101,7 @@ def time_interleaved(
             out.samples[name], rounds[name] = Samples(number=1), repeats
             continue
         number = max(1, min(10_000, math.ceil(min_sample_seconds / max(per_call, 1e-9))))
-        per_sample = per_call * number
-        fewest = min(repeats, min_repeats)
+        per_sample, fewest = per_call * number, min(repeats, min_repeats)
         planned = max(fewest, min(repeats, int(variant_seconds // per_sample)))
         extra = per_call * extra_calls
         if planned * per_sample + extra > left:  # not enough time left: fewer samples, or none
@@ -196,7 +125,7 @@ def time_interleaved(
             if name in out.errors or rounds[name] <= round_:
                 continue
             try:
-                seconds, faults = _time_calls(fns[name], out.samples[name].number, sync, timer)
+                seconds, faults = time_calls(fns[name], out.samples[name].number)
             except VARIANT_ERRORS as err:
                 out.errors[name] = err
                 continue
@@ -206,11 +135,8 @@ def time_interleaved(
     return out
 
 
-# ------------------------------------------------------------------------------ peak memory
-
-
 class PeakMemoryMeter:
-    """Measures the bytes one call needs above what is allocated when it starts."""
+    """Measures the bytes one call needs above what is allocated when it starts (here: not at all)."""
 
     method: str = "not measured"
 
@@ -245,45 +171,33 @@ def _status_kib(field_name: str) -> int:
 
 
 class RssHighWaterMeter(PeakMemoryMeter):
-    """Linux: the rise of the process's peak RSS, reset through ``/proc/self/clear_refs``.
-
-    Free pages are first handed back with ``malloc_trim(0)`` so the call's allocations cannot
-    hide in memory malloc kept resident (see the module docstring).
-    """
+    """Linux: the rise of the process's peak RSS, reset through ``/proc/self/clear_refs``."""
 
     method = ("peak RSS (VmHWM) above the RSS at the start of the call; VmHWM reset via "
               "/proc/self/clear_refs after gc and malloc_trim(0)")
 
     def __init__(self) -> None:
         libc_name = ctypes.util.find_library("c")
-        libc = ctypes.CDLL(libc_name) if libc_name else None
-        self._malloc_trim = getattr(libc, "malloc_trim", None)
+        self._malloc_trim = getattr(ctypes.CDLL(libc_name) if libc_name else None, "malloc_trim", None)
         if self._malloc_trim is None:
             self.method += " (malloc_trim unavailable: memory malloc keeps resident is not counted)"
 
     @staticmethod
     def available() -> bool:
         """True where the peak RSS can be reset and read (Linux ≥ 4.0 with a writable procfs)."""
-        if not sys.platform.startswith("linux"):
-            return False
         try:
-            RssHighWaterMeter._reset()
+            Path("/proc/self/clear_refs").write_text("5")
             _status_kib("VmHWM")
         except (OSError, ValueError):
             return False
-        return True
-
-    @staticmethod
-    def _reset() -> None:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        return sys.platform.startswith("linux")
 
     def measure(self, fn: Callable[[], object]) -> int | None:
         gc.collect()
         if self._malloc_trim is not None:
             self._malloc_trim(0)
         start = _status_kib("VmRSS")
-        self._reset()
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         result = fn()
         peak = _status_kib("VmHWM")
         del result
@@ -291,7 +205,7 @@ class RssHighWaterMeter(PeakMemoryMeter):
 
 
 def make_peak_meter(device: torch.device) -> PeakMemoryMeter:
-    """The best peak-memory meter for ``device`` (see the module docstring)."""
+    """The best peak-memory meter for ``device``."""
     if device.type == "cuda":
         return CudaPeakMeter(device)
     if device.type == "cpu" and RssHighWaterMeter.available():
@@ -303,19 +217,25 @@ def make_peak_meter(device: torch.device) -> PeakMemoryMeter:
 
 def fmt_ms(ms: float | None) -> str:
     """Milliseconds with 3–4 significant digits for tables; "?" when unknown."""
-    if ms is None:
-        return "?"
-    if ms >= 100:
-        return f"{ms:.0f}"
-    if ms >= 10:
-        return f"{ms:.1f}"
-    if ms >= 1:
-        return f"{ms:.2f}"
-    return f"{ms:.3f}"
+    return "?" if ms is None else f"{ms:.{0 if ms >= 100 else 1 if ms >= 10 else 2 if ms >= 1 else 3}f}"
 
 
 def fmt_mb(mb: float | None) -> str:
     """MiB for tables: one decimal below 10; "?" when not measured."""
-    if mb is None:
-        return "?"
-    return f"{mb:.1f}" if mb < 10 else f"{mb:.0f}"
+    return "?" if mb is None else f"{mb:.1f}" if mb < 10 else f"{mb:.0f}"
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: Callable,
+               amp: torch.dtype | None = None, lr: float = 1e-8) -> Callable[[], None]:
+    """One timed training step on the fixed batch ``x``: forward (under AMP when ``amp`` is a half
+    type), ``loss_fn`` in float32, backward, AdamW (the tiny default lr keeps random weights finite)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    half = amp not in (None, torch.float32)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=amp if half else torch.bfloat16, enabled=half):
+            out = model(x)
+        loss_fn(out.float(), target).backward()
+        opt.step()
+    return step

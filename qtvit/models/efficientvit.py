@@ -54,7 +54,6 @@ STYLES = ("b", "l")
 # the attention stage's FFN expands 6.
 L_ENTRY_EXPAND = (16.0, 16.0, 16.0, 24.0)
 L_FFN_EXPAND = 6.0
-MIN_INPUT = 32  # below this the stride-32 map would be padding only
 
 
 def _linear_rates(rate: float, n: int) -> list[float]:
@@ -303,9 +302,10 @@ class EfficientViT(nn.Module):
             raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} "
                              f"(shape {tuple(x.shape)})")
         H, W = x.shape[-2:]
-        if H < MIN_INPUT or W < MIN_INPUT:
-            raise ValueError(f"input size {H}×{W} is too small: EfficientViT needs at least "
-                             f"{MIN_INPUT}×{MIN_INPUT} (multiples of 32 are exact; others are padded)")
+        side = self.feature_info[-1]["reduction"]  # the total stride: below it the last map is padding only
+        if H < side or W < side:
+            raise ValueError(f"input size {H}×{W} is too small: this EfficientViT needs at least "
+                             f"{side}×{side} (multiples of {side} are exact; others are padded)")
 
     @torch.jit.ignore
     def _run_stage(self, stage: EfficientViTStage, x: Tensor) -> Tensor:

@@ -19,6 +19,28 @@ import time
 from pathlib import Path
 
 OVERRIDE_HELP = "config overrides section.key=value (YAML values), e.g. optim.lr=1e-3 train.amp=bf16"
+EPOCHS_HELP = "shortcut for train.epochs=N"
+RUN_DIR_HELP = "run folder (default: runs/<model>-<date>-<time>)"
+RESUME_HELP = "continue the run in --output from its last.pt"
+OVERWRITE_HELP = "start over in an existing run folder"
+
+
+def add_run_arguments(p: argparse.ArgumentParser, output: str, *, data: str | None = None,
+                      model: bool = False, epochs: str | None = EPOCHS_HELP,
+                      resume: str = "continue the run in --output",
+                      overwrite: str = "start over in an existing --output", required: bool = False) -> None:
+    """The flags every training command shares (train, demo; seg and det): run folder, the data/model/
+    epochs shortcuts, --resume, --overwrite and the KEY=VALUE overrides."""
+    p.add_argument("--output", required=required, help=output)
+    if data:
+        p.add_argument("--data", help=data)
+    if model:
+        p.add_argument("--model", help="shortcut for model.name=NAME")
+    if epochs:
+        p.add_argument("--epochs", type=int, help=epochs)
+    p.add_argument("--resume", action="store_true", help=resume)
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,14 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "section.key=value overrides. Launch with torchrun for several "
                                           "processes/GPUs/nodes.")
     p.add_argument("--config", help="recipe name (qtvit_1 ... qtvit_6, demo) or YAML path")
-    p.add_argument("--output", help="run folder (default: runs/<model>-<date>-<time>)")
-    p.add_argument("--data", help="shortcut for data.path=PATH")
-    p.add_argument("--model", help="shortcut for model.name=NAME")
-    p.add_argument("--epochs", type=int, help="shortcut for train.epochs=N")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt")
-    p.add_argument("--overwrite", action="store_true", help="start over in an existing run folder")
     p.add_argument("--skip-bad-images", action="store_true", help="count and skip unreadable images")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    add_run_arguments(p, RUN_DIR_HELP, data="shortcut for data.path=PATH", model=True, resume=RESUME_HELP,
+                      overwrite=OVERWRITE_HELP)
     p.set_defaults(func=run_train)
 
     p = subparsers.add_parser("eval", help="top-1/top-5 of a model or checkpoint on a validation folder",
@@ -62,12 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Train a small QT-ViT on the built-in relational-shapes dataset "
                                           "(or --data FOLDER), evaluate it, and write a checkpoint, "
                                           "metrics.json and a training-curve PNG.")
-    p.add_argument("--output", help="run folder (default: the first free demo_output/run-N)")
-    p.add_argument("--data", help="train on this image folder instead of the built-in demo set")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the demo recipe's)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output")
-    p.add_argument("--overwrite", action="store_true", help="start over in an existing --output")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    add_run_arguments(p, "run folder (default: the first free demo_output/run-N)",
+                      data="train on this image folder instead of the built-in demo set",
+                      epochs="training epochs (default: the demo recipe's)")
     p.set_defaults(func=run_demo)
 
 
@@ -223,8 +237,9 @@ def run_eval(args: argparse.Namespace) -> int:
                       image_size=size, crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"],
                       accuracy=result["top1"] / 100.0)
         if info.is_main:
-            out = Path(args.output or f"eval-{name}.json")
-            out.write_text(json.dumps(result, indent=2) + "\n")
+            from ..io import write_atomic
+
+            out = write_atomic(args.output or f"eval-{name}.json", json.dumps(result, indent=2) + "\n")
             skipped = f", {result['bad_images']} unreadable skipped" if result["bad_images"] else ""
             print(f"{name}{' (EMA)' if args.ema else ''}: top-1 {result['top1']:.2f}%  "
                   f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f} on {result['images']} images at "

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from ...io import write_json
+from ...train.cli import OVERWRITE_HELP, RESUME_HELP, add_run_arguments
 
-OVERRIDE_HELP = "config overrides section.key=value (YAML values), e.g. optim.lr=2e-4 train.amp=bf16"
 DEMO_RECIPE = "det/demo"
 
 
@@ -33,12 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a detector from a YAML recipe (configs/det/)")
     p.add_argument("--config", default="det/qtvit_1_3x",
                    help="recipe name or YAML path (default det/qtvit_1_3x)")
-    p.add_argument("--output", help="run folder (default: runs/det-<model>-<date>-<time>)")
-    p.add_argument("--data", help="shortcut for data.path=COCO_ROOT")
-    p.add_argument("--epochs", type=int, help="shortcut for train.epochs=N")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt")
-    p.add_argument("--overwrite", action="store_true", help="start over in an existing run folder")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    add_run_arguments(p, "run folder (default: runs/det-<model>-<date>-<time>)",
+                      data="shortcut for data.path=COCO_ROOT", resume=RESUME_HELP, overwrite=OVERWRITE_HELP)
     p.set_defaults(func=run_train)
 
     p = sub.add_parser("eval", help="COCO box and mask AP of a trained detector")
@@ -76,11 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo",
                        help="train and evaluate a small detector on CPU (synthetic shapes)")
-    p.add_argument("--output", help="run folder (default: the first free demo_output/det-run-N)")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the demo recipe's)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output")
-    p.add_argument("--overwrite", action="store_true", help="start over in an existing --output")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    add_run_arguments(p, "run folder (default: the first free demo_output/det-run-N)",
+                      epochs="training epochs (default: the demo recipe's)")
     p.set_defaults(func=run_demo)
 
 

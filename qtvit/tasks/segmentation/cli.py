@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-OVERRIDE_HELP = "config overrides section.key=value (YAML values), e.g. optim.lr=1e-4 data.path=/data/ade"
+from ...train.cli import OVERWRITE_HELP, RESUME_HELP, RUN_DIR_HELP, add_run_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,13 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train", help="train with a segmentation recipe (torchrun for many GPUs)")
     p.add_argument("--config", required=True, help="recipe: configs/seg/NAME.yaml or seg/NAME")
-    p.add_argument("--output", help="run folder (default: runs/<model>-<date>-<time>)")
-    p.add_argument("--data", help="shortcut for data.path=PATH")
-    p.add_argument("--model", help="shortcut for model.name=NAME")
-    p.add_argument("--epochs", type=int, help="shortcut for train.epochs=N")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt")
-    p.add_argument("--overwrite", action="store_true", help="start over in an existing run folder")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    add_run_arguments(p, RUN_DIR_HELP, data="shortcut for data.path=PATH", model=True, resume=RESUME_HELP,
+                      overwrite=OVERWRITE_HELP)
     p.set_defaults(func=run_train, skip_bad_images=False)
 
     p = sub.add_parser("eval", help="mIoU / mAcc / aAcc of a model on a dataset")
@@ -52,12 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_predict)
 
     p = sub.add_parser("demo", help="train + evaluate a small QT-ViT segmenter on CPU in minutes")
-    p.add_argument("--output", required=True, help="run folder")
     p.add_argument("--no-attention", action="store_true",
                    help="the control: kernel 'none' (no global token mixing), same recipe")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output")
-    p.add_argument("--overwrite", action="store_true", help="start over in an existing --output")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    add_run_arguments(p, "run folder", epochs=None, required=True)
     p.set_defaults(func=run_demo_cli)
 
     p = sub.add_parser("params", help="parameters of every segmentation model and its EfficientViT twin")
