@@ -94,6 +94,24 @@ def test_onnx_graph_has_no_runtime_pads_or_foldable_shape_math(b0_onnx):
     assert len(resizes) == 4  # the APE of each of b0's 4 attention blocks, resized in the graph
 
 
+def test_onnxruntime_fuses_the_qt_extras(b0_onnx, tmp_path):
+    """The exported qt attention is spelled for onnxruntime's fusions: per attention block the value
+    shortcut is one BatchNormalization and one Gelu after the session's optimisation (no Erf left),
+    and the constant column rides in the products (no product is followed by an Add of it)."""
+    _, path = b0_onnx
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    blocks = ops.count("Resize")  # one APE per attention block
+    assert ops.count("BatchNormalization") == blocks
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert optimized.count("Gelu") == blocks and "Erf" not in optimized
+    products = {n.output[0] for n in graph.node if n.op_type == "MatMul"}
+    assert not any(n.op_type == "Add" and set(n.input) & products for n in graph.node)
+
+
 def test_onnx_metadata(b0_onnx):
     _, path = b0_onnx
     meta = onnx_metadata(path)

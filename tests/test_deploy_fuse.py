@@ -60,6 +60,28 @@ def test_ape_cache_and_other_sizes():
             assert _rel_err(fused(x), model(x)) <= 1e-5
 
 
+def test_ape_at_its_own_grid_is_used_as_stored():
+    """At the APE's own token grid the bicubic resize is the identity, so the fused model skips it
+    (bitwise the same values) and a compiled graph holds no interpolation (inductor would redo it
+    for every image of the batch); another size still resizes."""
+    fused = fuse(perturb(qtvit.create_model("qtvit_b0", num_classes=5)))
+    mla = next(m for m in fused.modules() if isinstance(m, FusedLiteMLA))
+    gh, gw = mla.ape.shape[-2:]
+    used = mla._ape_tokens(gh, gw)
+    assert used.data_ptr() == mla.ape.data_ptr()
+    assert torch.equal(used, mla._ape_tokens_resized(gh, gw))
+    assert not torch.equal(mla._ape_tokens(gh + 1, gw)[..., :gh * gw], used)  # resized: other values
+
+    def interpolations(h, w):
+        x = torch.randn(1, mla.qkv.in_channels, h, w)
+        with torch.no_grad():
+            explain = torch._dynamo.explain(mla)(x)
+        return sum("interpolate" in str(n.target) for g in explain.graphs for n in g.graph.nodes)
+
+    assert interpolations(gh, gw) == 0
+    assert interpolations(gh + 2, gw) == 1
+
+
 def test_fold_bn_matches_eval_bn():
     conv = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=True)
     bn = perturb(nn.Sequential(conv, nn.BatchNorm2d(6)))[1]

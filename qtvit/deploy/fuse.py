@@ -11,8 +11,12 @@ What changes (all exact up to float rounding):
   shared by all heads) into a per-channel scale and shift, and skips qt's first normalisation:
   n(n(x)²) = x²/‖x²‖ because squaring and the second normalisation cancel any positive scale
   of x (the released ε moves the result by < 1e-14 relative);
-* optionally the APE resized to one input size is cached (``ape_size=(H, W)``), so that size skips
-  the bicubic resize; other sizes still resize.
+* the APE is used as stored at its own token grid (where the bicubic resize is the identity), and
+  optionally also cached resized to one other input size (``ape_size=(H, W)``); other sizes
+  resize. Only plain-int sizes skip the resize: an export with dynamic H, W keeps it in the graph;
+* an exported graph (``torch.export``, ONNX) spells the qt epilogue and the value shortcut for
+  onnxruntime, which fuses no element-wise chain it has no pattern for: the constant column folded
+  into the products, v·s + t as one BatchNormalization, the GELU as its GeluFusion pattern.
 
 A fused model is for inference only: ``.train()`` raises :class:`FusedModelError`.
 """
@@ -20,6 +24,7 @@ A fused model is for inference only: ``.train()`` raises :class:`FusedModelError
 from __future__ import annotations
 
 import copy
+import math
 import types
 
 import torch
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from ..errors import QtvitError
 from ..kernels import attention
 from ..kernels.definitions import EPS, QT_NORM_FLOOR
+from ..kernels.linear import concrete
 from ..layers.conv import ConvNormAct
 from ..layers.lite_mla import LiteMLA
 
@@ -117,6 +123,9 @@ class FusedLiteMLA(nn.Module):
             shift = bn.bias.double() - bn.running_mean.double() * scale
             self.register_buffer("v_scale", scale.float().reshape(-1, 1))  # (d, 1)
             self.register_buffer("v_shift", shift.float().reshape(-1, 1))
+            # statistics (0, 1) of the exported BatchNormalization computing v·s + t (_v_shortcut)
+            self.register_buffer("v_mean", torch.zeros(self.head_dim), persistent=False)
+            self.register_buffer("v_var", torch.ones(self.head_dim), persistent=False)
         else:
             self.v_scale = self.v_shift = None
 
@@ -134,9 +143,19 @@ class FusedLiteMLA(nn.Module):
         return ape.reshape(1, self.num_attn_heads, self.head_dim, -1)  # (1, G, d, N)
 
     def _ape_tokens(self, H, W) -> Tensor:
-        if self.ape_cache is not None and not torch.compiler.is_compiling() and \
-                self.ape_cache_size == (H, W):
-            return self.ape_cache.float()
+        """The APE as key offsets (1, G, d, N) for an H×W token grid.
+
+        Plain-int sizes (eager, torch.compile with static shapes) skip the resize at the cached
+        grid and at the stored grid, where the bicubic resize is the identity (bitwise: weights
+        (0, 1, 0, 0)); inductor would otherwise fuse the interpolation into the key kernel and
+        redo it for every image of the batch. Symbolic sizes (torch.export/ONNX with dynamic
+        H, W, dynamic compile) and jit traces keep the resize, so one graph serves every size.
+        """
+        if concrete(H, W):
+            if self.ape_cache is not None and self.ape_cache_size == (H, W):
+                return self.ape_cache.float()
+            if self.ape.shape[-2] == H and self.ape.shape[-1] == W:
+                return self.ape.float().reshape(1, self.num_attn_heads, self.head_dim, H * W)
         return self._ape_tokens_resized(H, W)
 
     def _param(self, name: str) -> Tensor:
@@ -151,8 +170,9 @@ class FusedLiteMLA(nn.Module):
         q, k, v = qkv[:, :, :d], qkv[:, :, d:2 * d], qkv[:, :, 2 * d:]  # each (B, G, d, N)
         if self.ape is not None:
             k = k + self._ape_tokens(H, W)
+        exporting = torch.compiler.is_exporting()  # the graph will run in onnxruntime (see _v_shortcut)
         if self.kernel == "qt":
-            out = _qt_channels_first(q, k, v, self._param("const"))
+            out = _qt_channels_first(q, k, v, self._param("const"), fold_constant=exporting)
         elif self.kernel == "relu":
             out = _relu_channels_first(q, k, v)
         else:  # any other kernel: the library path on (B, G, N, d) views
@@ -160,10 +180,28 @@ class FusedLiteMLA(nn.Module):
                             impl=self.impl, **self.kernel_kwargs,
                             **{n[3:]: b for n, b in self.named_buffers() if n.startswith("kp_")})
             out = out.transpose(-1, -2)
-        if self.v_scale is not None:  # the value shortcut, BN folded: GELU(v·s + t)
-            out = out + F.gelu(torch.addcmul(self.v_shift.float(), v, self.v_scale.float()))
+        if self.v_scale is not None:
+            out = out + self._v_shortcut(v, exporting)
         out = out.to(x.dtype).reshape(B, -1, H, W)  # (B, G·d, H, W)
         return self.proj(out)
+
+    def _v_shortcut(self, v: Tensor, exporting: bool) -> Tensor:
+        """GELU(v·s + t), the value shortcut with its BN folded: (B, G, d, N) → same.
+
+        Written for each backend's fusion (same values up to float rounding): eager and
+        ``torch.compile`` take one ``addcmul`` and ``F.gelu`` (inductor fuses both into the
+        attention epilogue). An exported graph runs them in onnxruntime, which fuses no
+        element-wise chain except the patterns it knows: there v·s + t is one BatchNormalization
+        node (statistics 0 and 1, ε = 0: exactly v·s + t) instead of a Mul and an Add, and the GELU
+        is spelled as onnxruntime's GeluFusion matches it (one Gelu node instead of five passes).
+        """
+        if exporting:
+            B, G, d, N = v.shape
+            y = F.batch_norm(v.reshape(B * G, d, N), self.v_mean.float(), self.v_var.float(),
+                             self.v_scale.float().reshape(-1), self.v_shift.float().reshape(-1),
+                             training=False, momentum=0.0, eps=0.0)
+            return _gelu_erf_exportable(y).reshape(B, G, d, N)
+        return F.gelu(torch.addcmul(self.v_shift.float(), v, self.v_scale.float()))
 
     def extra_repr(self) -> str:
         ape = "" if self.ape is None else f", ape={tuple(self.ape.shape[2:])}"
@@ -177,11 +215,23 @@ def _sq_norm(x: Tensor) -> Tensor:
     return (x * x).sum(2, keepdim=True).clamp_min(QT_NORM_FLOOR * QT_NORM_FLOOR).sqrt()
 
 
-def _qt_channels_first(q: Tensor, k: Tensor, v: Tensor, const: Tensor) -> Tensor:
+def _gelu_erf_exportable(x: Tensor) -> Tensor:
+    """Exact GELU as x·½·(1 + erf(x/√2)), node for node the subgraph onnxruntime's GeluFusion
+    replaces by one Gelu node (Div by √2, Erf, Add 1, and Mul(Mul(x, ½), ·))."""
+    return (x * 0.5) * (torch.erf(x / math.sqrt(2.0)) + 1.0)
+
+
+def _qt_channels_first(q: Tensor, k: Tensor, v: Tensor, const: Tensor, fold_constant: bool = False) -> Tensor:
     """qt linear attention on (B, G, d, N) tensors → (B, G, e, N).
 
     k̂ = k²/‖k²‖; with c² the constant feature's weight and r(q) = ‖q²‖,
     out_n = (KV·q_n² + r(q_n)·c²Σv) / (Kz·q_n² + r(q_n)·(c²N + ε)), KV = Σ_m v_m k̂_mᵀ, Kz = Σ_m k̂_m.
+
+    ``fold_constant`` (what an exported graph uses): the constant column rides in the two products
+    as one more column, [KV | c²Σv] and [Kz | c²N + ε] times [q²; r(q)], instead of an (e, N)
+    outer product r(q)·c²Σv added to KV·q² (two element-wise passes onnxruntime runs unfused; one
+    concatenation instead). Eager PyTorch and inductor are faster with the outer product, which
+    they fuse into the division.
     """
     k2 = k * k
     k_hat = k2 / _sq_norm(k2)  # (B, G, d, N)
@@ -192,6 +242,11 @@ def _qt_channels_first(q: Tensor, k: Tensor, v: Tensor, const: Tensor) -> Tensor
     kz = k_hat.sum(-1, keepdim=True).transpose(-1, -2)  # (B, G, 1, d)
     v_sum = v.sum(-1, keepdim=True) * c2  # (B, G, e, 1)
     n_const = c2 * k.shape[-1] + EPS  # c²N + ε (N symbolic under export: read off the shape at run time)
+    if fold_constant:
+        q_aug = torch.cat([q2, r_q], dim=2)  # [q²; r(q)]: (B, G, d + 1, N)
+        num = torch.cat([kv, v_sum], dim=-1) @ q_aug  # (B, G, e, N)
+        den = torch.cat([kz, n_const.expand(kz.shape[:-1] + (1,))], dim=-1) @ q_aug  # (B, G, 1, N)
+        return num / den
     num = torch.addcmul(kv @ q2, v_sum, r_q)  # (B, G, e, N)
     den = torch.addcmul(kz @ q2, r_q, n_const)  # (B, G, 1, N)
     return num / den

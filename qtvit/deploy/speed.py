@@ -4,10 +4,11 @@
         --output docs/results/deploy_speed_cpu.json
 
 Every variant is timed in one process, interleaved round by round (so machine load hits all of
-them alike), each round taking the median of ``--iters`` calls after warm-up; the reported figure
-is the median over rounds. With ``--onnx`` the fused qtvit model and timm's model are also exported
-(same exporter, same opset) and timed in onnxruntime. The JSON records the machine load average
-before and after, so a noisy run can be recognised.
+them alike), each round taking the median of ``--iters`` calls after warm-up, a short pause and
+one untimed call (so no thread pool left spinning by the variant before competes for the cores);
+the reported figure is the median over rounds. With ``--onnx`` the fused qtvit model and timm's
+model are also exported (same exporter, same opset) and timed in onnxruntime. The JSON records
+the machine load average before and after, so a noisy run can be recognised.
 """
 
 from __future__ import annotations
@@ -21,8 +22,20 @@ from pathlib import Path
 
 import torch
 
+# Pause before each variant's calls in a round (see _time).
+SETTLE_S = 0.2
+
 
 def _time(fn, x, iters: int) -> float:
+    """Median of ``iters`` calls, after a pause and one untimed call.
+
+    Thread pools the previous variant left spinning would otherwise take cores from this variant's
+    calls: onnxruntime's intra-op threads spin after every run, so on 2 cores the session timed
+    right after another one ran up to 1.8× slower at batch 1 (it made qtvit's ONNX model look
+    faster than its ReLU twin, which ran second).
+    """
+    time.sleep(SETTLE_S)
+    fn(x)
     times = []
     for _ in range(iters):
         t = time.perf_counter()
