@@ -31,8 +31,8 @@ def _time(fn, x, iters: int) -> float:
 
     Thread pools the previous variant left spinning would otherwise take cores from this variant's
     calls: onnxruntime's intra-op threads spin after every run, so on 2 cores the session timed
-    right after another one ran up to 1.8× slower at batch 1 (it made qtvit's ONNX model look
-    faster than its ReLU twin, which ran second).
+    right after another one ran slower (it made qtvit's ONNX model look faster than its ReLU twin,
+    which ran second).
     """
     time.sleep(SETTLE_S)
     fn(x)
