@@ -36,7 +36,7 @@ from ..kernels import attention
 from ..kernels.definitions import EPS, QT_NORM_FLOOR
 from ..kernels.linear import concrete
 from ..layers.conv import ConvNormAct
-from ..layers.lite_mla import LiteMLA
+from ..layers.lite_mla import LiteMLA, resize_ape
 
 Tensor = torch.Tensor
 
@@ -137,25 +137,22 @@ class FusedLiteMLA(nn.Module):
         self.ape_cache_size = (gh, gw)
 
     def _ape_tokens_resized(self, H, W) -> Tensor:
-        # Always resize (a bicubic resize to the stored size is the identity: its weights at
-        # offset 0 are exactly (0, 1, 0, 0)), so no branch on the size reaches an exported graph.
-        ape = F.interpolate(self.ape.float(), size=(H, W), mode="bicubic", align_corners=False)
+        # the layer's resize: the stored APE as is at its own grid for plain-int sizes, otherwise
+        # the bicubic resize (kept in exported graphs, where it is the identity at the stored size)
+        ape = resize_ape(self.ape.float(), (H, W))
         return ape.reshape(1, self.num_attn_heads, self.head_dim, -1)  # (1, G, d, N)
 
     def _ape_tokens(self, H, W) -> Tensor:
         """The APE as key offsets (1, G, d, N) for an H×W token grid.
 
         Plain-int sizes (eager, torch.compile with static shapes) skip the resize at the cached
-        grid and at the stored grid, where the bicubic resize is the identity (bitwise: weights
-        (0, 1, 0, 0)); inductor would otherwise fuse the interpolation into the key kernel and
-        redo it for every image of the batch. Symbolic sizes (torch.export/ONNX with dynamic
-        H, W, dynamic compile) and jit traces keep the resize, so one graph serves every size.
+        grid and at the stored grid (:func:`~qtvit.layers.lite_mla.resize_ape`); inductor would
+        otherwise fuse the interpolation into the key kernel and redo it for every image of the
+        batch. Symbolic sizes (torch.export/ONNX with dynamic H, W) and jit traces keep the resize,
+        so one graph serves every size.
         """
-        if concrete(H, W):
-            if self.ape_cache is not None and self.ape_cache_size == (H, W):
-                return self.ape_cache.float()
-            if self.ape.shape[-2] == H and self.ape.shape[-1] == W:
-                return self.ape.float().reshape(1, self.num_attn_heads, self.head_dim, H * W)
+        if concrete(H, W) and self.ape_cache is not None and self.ape_cache_size == (H, W):
+            return self.ape_cache.float()
         return self._ape_tokens_resized(H, W)
 
     def _param(self, name: str) -> Tensor:
