@@ -157,6 +157,41 @@ def test_taylor2_linear_equals_dense_series_formula():
     torch.testing.assert_close(qtvit.attention(q, k, v, "taylor2", impl="linear"), expected)
 
 
+def _reduced_taylor2_weights(q, k, keep: torch.Tensor) -> torch.Tensor:
+    """1 + s + Q/2 with Q = Σ_{a,b} keep[a, b]·(q_a q_b)(k_a k_b)/d: the quadratic term of taylor2
+    restricted to the channel pairs that ``keep`` (d × d, 0/1 or weights) marks, by brute force."""
+    d = q.shape[-1]
+    s = q @ k.transpose(-1, -2) / math.sqrt(d)
+    qq = q[..., :, None] * q[..., None, :]  # (B, H, N, d, d)
+    kk = k[..., :, None] * k[..., None, :]  # (B, H, M, d, d)
+    return 1 + s + torch.einsum("bhnxy,xy,bhmxy->bhnm", qq, keep, kk) / (2 * d)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_taylor2_random_keeps_exactly_d_products_of_taylor2(seed):
+    """Mean scaling: the d channel pairs picked by the seed, each once, nothing else rescaled."""
+    from qtvit.kernels.definitions import random_product_pairs
+
+    d = 16
+    q, k, _ = qkv(N=9, M=7, d=d)
+    a, b = random_product_pairs(d, seed)
+    keep = torch.zeros(d, d, dtype=q.dtype)
+    keep[a, b] = 1.0
+    assert int(keep.sum()) == d  # d distinct pairs
+    w = qtvit.get_kernel("taylor2_random").pairwise(q, k, seed=seed, scaling="mean")
+    torch.testing.assert_close(w, _reduced_taylor2_weights(q, k, keep), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunks", [2, 4, 8])
+def test_taylor2_chunk_keeps_the_block_diagonal_products(chunks):
+    d = 16
+    q, k, _ = qkv(N=9, M=7, d=d)
+    block = torch.arange(d) // (d // chunks)
+    keep = (block[:, None] == block[None, :]).double()
+    w = qtvit.get_kernel("taylor2_chunk").pairwise(q, k, chunks=chunks, scaling="mean")
+    torch.testing.assert_close(w, _reduced_taylor2_weights(q, k, keep), rtol=1e-12, atol=1e-12)
+
+
 def test_unnormalised_kernels_follow_spec_scaling():
     q, k, v = qkv(N=20, M=30, d=8)
     cos = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2))

@@ -334,3 +334,40 @@ def test_control_gap_is_each_kernels_mean_minus_the_controls():
     rp.control_gaps(entry)
     assert [v["gap"] for v in entry["variants"]] == [29.5, None, None]
     assert rp.STUDIES["kernels"]["variants"][-1] == rp.STUDIES["reductions"]["variants"][-1] == "none"
+
+
+def test_a_seeds_later_runs_read_the_same_transformed_images_from_memory():
+    """Deterministic (no_aug) transforms are kept after first use; a second run of the seed gets
+    exactly what a fresh, un-memoised ClassificationTask computes, for training and evaluation."""
+    from qtvit.models import create_model
+    from qtvit.train.classification import ClassificationTask
+    from qtvit.train.distributed import DistInfo
+
+    cfg = rp.base_config(rp.ReproConfig(quick=True), rp.Dataset("demo"))
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    model = create_model(cfg.model.name, num_classes=4, **cfg.model.kwargs)
+    rp.ReproTask._shared.clear()
+    try:
+        first = rp.ReproTask(cfg, info)
+        first.load_data(0)
+        first_train = first.train_dataset(model)
+        keys = [(i, 32, 100 + i) for i in range(4)]
+        items = [first_train[k] for k in keys]
+        second = rp.ReproTask(cfg, info)
+        second.load_data(0)
+        train, val = second.train_dataset(model), second.val_dataset(model)
+        assert isinstance(train, rp.MemoisedDataset) and len(train.store) == len(keys)
+        fresh = ClassificationTask(cfg, info)
+        fresh.load_data(0)
+        fresh_train, fresh_val = fresh.train_dataset(model), fresh.val_dataset(model)
+        for key, item in zip(keys, items, strict=True):
+            assert train[key] is item  # from memory, whatever the per-sample seed
+            torch.testing.assert_close(train[(key[0], 32, 7)][0], fresh_train[key][0], rtol=0, atol=0)
+        for i in range(3):
+            torch.testing.assert_close(val[i][0], fresh_val[i][0], rtol=0, atol=0)
+            assert val[i][1] == fresh_val[i][1]
+        third = rp.ReproTask(cfg, info)
+        third.load_data(1)  # another seed: other images, an empty store
+        assert len(third.train_dataset(model).store) == 0
+    finally:
+        rp.ReproTask._shared.clear()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn as nn
 
 from ..errors import QtvitError
 from ..io import write_atomic, write_json
@@ -308,24 +309,41 @@ def case_slug(case: KernelCase) -> str:
 class ReproTask(ClassificationTask):
     """Classification, for a study that trains many runs in one process: the built-in datasets are
     shared between the runs of one seed (every kernel reads the same images, the demo set renders
-    each once; only the last key is kept, runs being seed-major); with ``aug.no_aug`` evaluation
-    does not crop either (``crop_pct`` 1.0: the plain ViTs' 0.875 would zoom in, which on the demo
-    set moves the objects and can change the class)."""
+    each once; only the last key is kept, runs being seed-major); with ``aug.no_aug`` the transforms
+    are deterministic, so each transformed image is kept after its first use and the seed's later
+    runs read it from memory (float32 at the training size: ~50 KB an image at 64 px, ~0.5 GB for a
+    demo seed); and evaluation does not crop either (``crop_pct`` 1.0: the plain ViTs' 0.875 would
+    zoom in, which on the demo set moves the objects and can change the class)."""
 
     _shared: dict[tuple, tuple] = {}
 
     def load_data(self, seed: int) -> list[str]:
         d = self.cfg.data
         if d.dataset not in ("demo", "fashion_mnist"):
+            self._memo = None
             return super().load_data(seed)
         key = (d.dataset, d.path, seed, d.demo_image_size, d.demo_train_size, d.demo_val_size, d.demo_cache)
         if key not in ReproTask._shared:
             ReproTask._shared.clear()
             classes = super().load_data(seed)
-            ReproTask._shared[key] = (self.train_base, self.val_base, classes)
-        self.train_base, self.val_base, classes = ReproTask._shared[key]
+            ReproTask._shared[key] = (self.train_base, self.val_base, classes, {})
+        self.train_base, self.val_base, classes, self._memo = ReproTask._shared[key]
         self._build_loss(len(classes))
         return classes
+
+    def _memoised(self, dataset: torch.utils.data.Dataset, split: str) -> torch.utils.data.Dataset:
+        if not self.cfg.aug.no_aug or getattr(self, "_memo", None) is None:
+            return dataset
+        # The transforms follow the model's data config (size, interpolation, mean/std); runs whose
+        # configs differ get their own store.
+        key = (split, repr(sorted(self.data_cfg.items())), tuple(self.train_sizes()), self.eval_size())
+        return MemoisedDataset(dataset, self._memo.setdefault(key, {}))
+
+    def train_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
+        return self._memoised(super().train_dataset(model), "train")
+
+    def val_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
+        return self._memoised(super().val_dataset(model), "val")
 
     def build_model(self, num_classes: int):
         model = super().build_model(num_classes)
@@ -333,6 +351,26 @@ class ReproTask(ClassificationTask):
         if self.cfg.aug.no_aug and isinstance(cfg, dict) and cfg.get("crop_pct", 1.0) != 1.0:
             model.pretrained_cfg = {**cfg, "crop_pct": 1.0}
         return model
+
+
+class MemoisedDataset(torch.utils.data.Dataset):
+    """``dataset`` whose items are kept in ``store`` after the first read, for deterministic
+    transforms only. Training keys ``(index, size, seed)`` are stored by ``(index, size)``: without
+    augmentation the per-sample seed does not change the image. Items are returned as stored; the
+    loader's collate copies them into the batch, so nothing downstream writes into the store."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, store: dict) -> None:
+        self.dataset, self.store = dataset, store
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        slot = key[:2] if isinstance(key, tuple) else key
+        item = self.store.get(slot)
+        if item is None:
+            item = self.store[slot] = self.dataset[key]
+        return item
 
 
 def model_facts(cfg, num_classes: int) -> dict:

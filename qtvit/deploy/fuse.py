@@ -208,8 +208,11 @@ class FusedLiteMLA(nn.Module):
 
 
 def _sq_norm(x: Tensor) -> Tensor:
-    """max(‖x‖₂, QT_NORM_FLOOR) over the channel axis: (B, G, d, N) → (B, G, 1, N)."""
-    return (x * x).sum(2, keepdim=True).clamp_min(QT_NORM_FLOOR * QT_NORM_FLOOR).sqrt()
+    """max(‖x‖₂, QT_NORM_FLOOR) over the channel axis: (B, G, d, N) → (B, G, 1, N).
+
+    One reduction that never writes x² out (an exported graph gets one ReduceL2 node, not a Mul
+    over the whole tensor and a ReduceSum)."""
+    return torch.linalg.vector_norm(x, dim=2, keepdim=True).clamp_min(QT_NORM_FLOOR)
 
 
 def _gelu_erf_exportable(x: Tensor) -> Tensor:

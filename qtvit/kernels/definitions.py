@@ -429,11 +429,9 @@ def _random_gain(d: int, seed: int, scaling: str) -> float:
 def _taylor2_random_pairwise(q: Tensor, k: Tensor, seed: int, scaling: str) -> Tensor:
     d = q.shape[-1]
     a, b = random_product_pairs(d, seed)
-    mask = torch.zeros(d, d, dtype=q.dtype, device=q.device)
-    mask[a.to(q.device), b.to(q.device)] = 1.0  # products drawn twice cannot occur (randperm)
-    qq = q[..., :, None] * q[..., None, :]  # (B, H, N, d, d)
-    kk = k[..., :, None] * k[..., None, :]  # (B, H, M, d, d)
-    quad = torch.einsum("bhnxy,xy,bhmxy->bhnm", qq, mask, kk)
+    a, b = a.to(q.device), b.to(q.device)
+    # Σ over the kept pairs (a, b) of (q_a q_b)(k_a k_b): the kept products of each side, matched
+    quad = (q[..., a] * q[..., b]) @ (k[..., a] * k[..., b]).transpose(-1, -2)  # (B, H, N, M)
     return 1.0 + _sq_scores(q, k) + quad * _random_gain(d, seed, scaling) / (2 * d)
 
 
