@@ -210,9 +210,10 @@ class FusedLiteMLA(nn.Module):
 def _sq_norm(x: Tensor) -> Tensor:
     """max(‖x‖₂, QT_NORM_FLOOR) over the channel axis: (B, G, d, N) → (B, G, 1, N).
 
-    One reduction that never writes x² out (an exported graph gets one ReduceL2 node, not a Mul
-    over the whole tensor and a ReduceSum)."""
-    return torch.linalg.vector_norm(x, dim=2, keepdim=True).clamp_min(QT_NORM_FLOOR)
+    Spelled as a sum of squares: over this strided axis ``torch.linalg.vector_norm`` takes a slow
+    path in eager PyTorch (see :func:`qtvit.kernels.definitions.row_norm`), and onnxruntime runs
+    its ReduceL2 slower than the Mul, ReduceSum and Sqrt this exports to."""
+    return (x * x).sum(2, keepdim=True).clamp_min(QT_NORM_FLOOR * QT_NORM_FLOOR).sqrt()
 
 
 def _gelu_erf_exportable(x: Tensor) -> Tensor:
