@@ -371,3 +371,34 @@ def test_a_seeds_later_runs_read_the_same_transformed_images_from_memory():
         assert len(third.train_dataset(model).store) == 0
     finally:
         rp.ReproTask._shared.clear()
+
+
+def _receptive_field(model: torch.nn.Module, side: int = 512) -> int:
+    """Width in pixels of the input region that one central token of the last stage depends on
+    (gradient support), with the attention output zeroed (kernel "none"): the convolutions' reach."""
+    x = torch.randn(1, 3, side, side, requires_grad=True)
+    feats = model.forward_features(x)  # (1, C, side/s, side/s)
+    h, w = feats.shape[-2:]
+    feats[0, :, h // 2, w // 2].sum().backward()
+    cols = torch.nonzero(x.grad.abs().sum((0, 1, 2)) > 0)
+    return int(cols.max() - cols.min() + 1)
+
+
+@pytest.mark.parametrize("recipe, size, grid, reach", [
+    ("configs/ablation/demo.yaml", 64, 8, 147),
+    ("configs/ablation/probes/stride4_64px.yaml", 64, 16, 83),
+    ("configs/ablation/probes/one_block_128px.yaml", 128, 16, 99),
+])
+def test_ablation_layouts_token_grid_and_conv_reach(recipe, size, grid, reach):
+    """The study recipes' attention grids and the convolutions' reach stated in their comments and in
+    docs/RESULTS.md section 3 (why the "none" control can still relate the demo's two objects)."""
+    from qtvit.train.config import load_config
+    from qtvit.train.evaluate import build_model
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / recipe, ["model.kernel=none"])
+    assert cfg.data.demo_image_size == size and cfg.model.kwargs["img_size"] == size
+    model = build_model(cfg.model, num_classes=4).eval()
+    feats = model.forward_features(torch.zeros(1, 3, size, size))
+    assert feats.shape[-1] == grid  # the last stage holds the attention grid (stage 4 stride 1)
+    assert _receptive_field(model) == reach
