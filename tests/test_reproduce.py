@@ -388,6 +388,7 @@ def _receptive_field(model: torch.nn.Module, side: int = 512) -> int:
     ("configs/ablation/demo.yaml", 64, 8, 147),
     ("configs/ablation/probes/stride4_64px.yaml", 64, 16, 83),
     ("configs/ablation/probes/one_block_128px.yaml", 128, 16, 99),
+    ("configs/ablation/probes/stride4_128px.yaml", 128, 32, 59),
 ])
 def test_ablation_layouts_token_grid_and_conv_reach(recipe, size, grid, reach):
     """The study recipes' attention grids and the convolutions' reach stated in their comments and in
