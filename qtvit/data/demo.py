@@ -25,8 +25,12 @@ SEP (0.3 of the side) apart, and every class is a statement about *both* centres
   local features cannot (the class is not a function of the *set* of objects' appearances),
   while attention with positional information on its keys can (e.g. second moments of the
   object tokens' coordinates decide all four classes). A convolution stack whose receptive
-  field spans the image can solve it too: at 64 px the convolutions of the small QT-ViT used by
-  ``qtvit reproduce`` do, without attention (docs/RESULTS.md, section 3).
+  field spans the image can solve it too, and zero padding tells it where it is: the
+  convolutions around the attention of the small QT-ViT used by ``qtvit reproduce`` reach 147 px
+  at its 64-px default and still 83-99 px in the 16x16-token probes, and there they learn the
+  task without attention. With the objects farther apart than the convolutions reach (128 px,
+  32x32 tokens, a 59-px reach: ``configs/ablation/probes/stride4_128px.yaml``) attention learns
+  first, but within 1,000 steps the "none" control catches up (docs/RESULTS.md, section 3).
 
 Images are generated on the fly from ``numpy.random.default_rng((seed, split, index))``: the
 set is identical on every machine, needs no download or disk, and renders at any resolution
