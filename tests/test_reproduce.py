@@ -232,6 +232,10 @@ def test_the_same_command_scales_up_to_a_folder_with_the_papers_recipe(tmp_path)
     assert cfg.model.kwargs["kernel_params"] == {"chunks": 4} and cfg.model.kernel == "taylor2_chunk"
     assert rp.resolve_threads(rc, torch.device("cpu")) is None  # torch's default off the CPU recipe
     assert rp.resolve_threads(rp.ReproConfig(), torch.device("cpu")) == 1
+    # a recipe of its own for the built-in data is still one of the small CPU studies
+    assert rp.resolve_threads(rp.ReproConfig(config="configs/ablation/probes/stride4_64px.yaml"),
+                              torch.device("cpu")) == 1
+    assert rp.resolve_threads(rp.ReproConfig(threads=2), torch.device("cpu")) == 2
     assert rp.base_config(rp.ReproConfig(datasets=rc.datasets), rc.datasets[0]).model.name == "qtvit_b1"
 
 
@@ -399,6 +403,7 @@ def test_ablation_layouts_token_grid_and_conv_reach(recipe, size, grid, reach):
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / recipe, ["model.kernel=none"])
     assert cfg.data.demo_image_size == size and cfg.model.kwargs["img_size"] == size
+    assert cfg.aug.train_sizes == [size]
     model = build_model(cfg.model, num_classes=4).eval()
     feats = model.forward_features(torch.zeros(1, 3, size, size))
     assert feats.shape[-1] == grid  # the last stage holds the attention grid (stage 4 stride 1)

@@ -126,8 +126,8 @@ class ReproConfig:
     img_size: int | None = flag(None, "training and evaluation resolution (single-resolution)")
     batch_size: int | None = flag(None, "images per step and process")
     val_images: int | None = flag(None, "evaluate on the first N held-out images")
-    threads: int | None = flag(None, "torch intra-op threads (default: 1 for the built-in recipes on a CPU, "
-                                     "else torch's)")
+    threads: int | None = flag(None, "torch intra-op threads (default: 1 for the built-in datasets on a CPU, "
+                                     "whatever the --config, else torch's)")
     ape: bool | None = flag(None, "use APE on the keys, for every kernel (default: the model builder's)")
     shortcut: bool | None = flag(None, "use the GELU(BN(v)) shortcut, for every kernel (default: the model "
                                        "builder's)")
@@ -180,12 +180,15 @@ QUICK = ReproConfig(quick=True, timing_repeats=1)
 
 
 def resolve_threads(rc: ReproConfig, device: torch.device) -> int | None:
-    """Intra-op threads: ``rc.threads``, else 1 when the built-in recipes train on a CPU (the model is
-    small, ≈0.1 s per step on one core, and with anything else running OpenMP's threads wait for
-    each other), else None (torch's default)."""
+    """Intra-op threads: ``rc.threads``, else 1 when only built-in datasets train on a CPU, else None
+    (torch's default). The built-in datasets' models are small (≈0.1–0.5 s per step on one core)
+    and their studies are meant to run side by side, one per core; with a second process running,
+    OpenMP's threads wait for each other (two 2-thread studies on 2 cores ran several times slower
+    than two 1-thread ones). A ``--config`` recipe for those datasets keeps the rule: it is one of
+    the same small studies."""
     if rc.threads is not None:
         return rc.threads
-    builtin = rc.config is None and all(d.builtin for d in rc.datasets)
+    builtin = all(d.builtin for d in rc.datasets)
     return 1 if builtin and device.type == "cpu" else None
 
 
