@@ -99,3 +99,41 @@ def test_cli_predict_writes_overlays_and_raw_masks(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["seg", "predict", str(tmp_path / "missing.png"), "--model", "qtvit_seg_demo",
                  "--output", str(out)]) == 2
+
+
+def test_seg_ablation_tables_every_kernel_and_seed_and_resumes(tmp_path, capsys):
+    """Two kernels × two seeds at a reduced budget: the JSON's summary is computed from its runs, the
+    control's gap is zero by definition, the table lists every seed, and a finished study is reused
+    by --resume (no retraining) while a second start without it is refused."""
+    import statistics
+
+    out = tmp_path / "abl"
+    assert main(["seg", "ablation", "--kernels", "qt,none", "--seeds", "0,1", "--output-dir", str(out),
+                 *TINY]) == 0
+    doc = json.loads((out / "seg_ablation.json").read_text())
+    assert set(doc["runs"]) == {"qt", "none"} and set(doc["runs"]["qt"]) == {"0", "1"}
+    for kernel, by_seed in doc["runs"].items():
+        values = [by_seed[s]["miou"] for s in ("0", "1")]
+        row = doc["summary"][kernel]
+        assert row["miou_mean"] == pytest.approx(statistics.fmean(values))
+        assert row["miou_std"] == pytest.approx(statistics.stdev(values))
+        assert row["vs_none"] == pytest.approx(row["miou_mean"] - statistics.fmean(
+            [doc["runs"]["none"][s]["miou"] for s in ("0", "1")]))
+        # each run trained its own kernel and seed
+        config = (out / kernel / "seed1" / "config.yaml").read_text()
+        assert f"kernel: {kernel}" in config and "seed: 1" in config
+    assert doc["summary"]["none"]["vs_none"] == 0.0 and "git" in doc["env"]
+    table = (out / "seg_ablation.md").read_text()
+    assert "| none |" in table and "control" in table and "--seeds 0,1" in table
+    stamp = (out / "qt" / "seed0" / "last.pt").stat().st_mtime_ns
+    assert main(["seg", "ablation", "--kernels", "qt,none", "--seeds", "0,1", "--output-dir", str(out),
+                 "--resume", *TINY]) == 0
+    assert (out / "qt" / "seed0" / "last.pt").stat().st_mtime_ns == stamp  # reused, not retrained
+    assert "done before" in capsys.readouterr().out
+    # one-line errors, nothing trained: a used folder without --resume, an unknown kernel
+    assert main(["seg", "ablation", "--kernels", "qt", "--seeds", "0", "--output-dir", str(out), *TINY]) != 0
+    assert "is not empty; pass --resume" in capsys.readouterr().err
+    fresh = str(tmp_path / "x")
+    assert main(["seg", "ablation", "--kernels", "nope", "--seeds", "0", "--output-dir", fresh]) != 0
+    assert "unknown attention kernel 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
+from ...errors import QtvitError
 from ...train.cli import OVERWRITE_HELP, RESUME_HELP, RUN_DIR_HELP, add_run_arguments
+from .ablation import DEFAULT_KERNELS, DEFAULT_SEEDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +54,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the control: kernel 'none' (no global token mixing), same recipe")
     add_run_arguments(p, "run folder", epochs=None, required=True)
     p.set_defaults(func=run_demo_cli)
+
+    p = sub.add_parser("ablation", help="the kernel ablation (Table 2) on the cue set: every kernel × seed",
+                       description="Train the `seg demo` recipe once per kernel and seed (the 'none' "
+                                   "control included) and write seg_ablation.{json,md} with mIoU mean ± std "
+                                   "and each kernel's gap to the control.")
+    p.add_argument("--kernels", default=",".join(DEFAULT_KERNELS), help="comma-separated kernel names")
+    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds")
+    p.add_argument("--output-dir", required=True,
+                   help="folder for KERNEL/seedN/ runs and seg_ablation.{json,md}")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse finished runs in --output-dir, train the rest")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="recipe overrides, applied to every run")
+    p.set_defaults(func=run_ablation_cli)
 
     p = sub.add_parser("params", help="parameters of every segmentation model and its EfficientViT twin")
     p.add_argument("--output", help="JSON path (default: print only)")
@@ -120,6 +137,22 @@ def run_demo_cli(args: argparse.Namespace) -> int:
     print(f"demo: mIoU {metrics['miou']:.3f}  mAcc {metrics['macc']:.3f}  aAcc {metrics['aacc']:.3f} → "
           f"{args.output}/metrics.json, overlay.png, best.pt")
     return 0
+
+
+def run_ablation_cli(args: argparse.Namespace) -> int:
+    from .ablation import run_ablation
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise QtvitError(f"--seeds must be comma-separated integers; got {args.seeds!r}") from None
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    command = shlex.join(["qtvit", "seg", "ablation", "--kernels", ",".join(kernels), "--seeds",
+                          ",".join(map(str, seeds)), "--output-dir", str(args.output_dir), *args.overrides])
+    doc = run_ablation(args.output_dir, kernels, seeds, overrides=args.overrides, resume=args.resume,
+                       command=command)
+    print(f"→ {args.output_dir}/seg_ablation.json, seg_ablation.md")
+    return 0 if doc["summary"] else 1
 
 
 def load_model(args: argparse.Namespace, default_classes: int | None = None):
